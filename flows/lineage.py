@@ -1,0 +1,102 @@
+"""Data lineage of the workspace: which exact bytes (DVC md5) the raw and processed data are.
+
+Read from ``dvc.lock``, which ``dvc repro`` writes after each stage; DVC has no stable Python
+API for this, and the lock file is the record that a commit pins. The tracking layer stores
+these hashes on every run and model version, so a model names the data it learned from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.params import yaml_load
+
+RAW_STAGE = "fetch"
+PROCESSED_STAGE = "prepare"
+
+
+class LineageError(RuntimeError):
+    """dvc.lock is missing, unreadable, or does not record the data stages."""
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = yaml_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise LineageError(f"{path}: cannot read {what}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise LineageError(f"{path}: expected {what} as a mapping, found {type(data).__name__}")
+    return data
+
+
+def _stage_out(lock: dict[str, Any], stage: str, lock_path: Path) -> dict[str, Any]:
+    stages = lock.get("stages")
+    if not isinstance(stages, dict) or stage not in stages:
+        known = sorted(stages) if isinstance(stages, dict) else []
+        raise LineageError(
+            f"{lock_path}: expected a stage {stage!r}, found stages {known}; run `dvc repro`"
+        )
+    outs = stages[stage].get("outs") or []
+    if not outs or not isinstance(outs[0], dict) or "md5" not in outs[0]:
+        raise LineageError(f"{lock_path}: stage {stage!r} records no output hash; run `dvc repro`")
+    return stages[stage]
+
+
+def data_lineage(repo_root: str | os.PathLike[str] = ".", dataset: str | None = None) -> dict:
+    """The DVC md5 of the raw and processed outputs recorded in ``dvc.lock``.
+
+    ``dataset`` defaults to ``data.dataset`` in params.yaml; the lock must record that dataset's
+    paths. ``params_match_lock`` tells whether params.yaml still has the values the lock was
+    made with (False means ``dvc repro`` has not been run since an edit, so the hashes describe
+    the previous data).
+    """
+    root = Path(repo_root)
+    lock_path = root / "dvc.lock"
+    if not lock_path.is_file():
+        raise LineageError(
+            f"{lock_path}: not found: expected the lock file that `dvc repro` writes; run "
+            "`dvc repro` (or `dvc pull` in a fresh clone) first"
+        )
+    lock = _read_yaml(lock_path, "the DVC lock file")
+    params_path = root / "params.yaml"
+    params = _read_yaml(params_path, "parameters") if params_path.is_file() else {}
+    if dataset is None:
+        dataset = (params.get("data") or {}).get("dataset")
+        if not dataset:
+            raise LineageError(
+                f"{params_path}: expected data.dataset to name the dataset, found none; pass "
+                "dataset= explicitly"
+            )
+
+    result: dict[str, Any] = {"dataset": dataset, "dvc_lock": str(lock_path)}
+    in_sync = True
+    for role, stage, expected in (
+        ("raw", RAW_STAGE, f"data/raw/{dataset}"),
+        ("processed", PROCESSED_STAGE, f"data/processed/{dataset}"),
+    ):
+        entry = _stage_out(lock, stage, lock_path)
+        out = entry["outs"][0]
+        if Path(out["path"]).as_posix() != expected:
+            raise LineageError(
+                f"{lock_path}: stage {stage!r} records {out['path']!r}, expected {expected!r} "
+                f"for dataset {dataset!r}; run `dvc repro` for this dataset"
+            )
+        result[role] = {
+            "stage": stage,
+            "path": out["path"],
+            "md5": out["md5"],
+            "size": out.get("size"),
+            "nfiles": out.get("nfiles"),
+        }
+        result[f"{role}_md5"] = out["md5"]
+        locked = (entry.get("params") or {}).get("params.yaml") or {}
+        for dotted, value in locked.items():
+            section, _, key = dotted.partition(".")
+            if (params.get(section) or {}).get(key) != value:
+                in_sync = False
+    result["params_match_lock"] = in_sync
+    return result

@@ -1,0 +1,127 @@
+"""DVC stage entry points: ``python -m flows.stages fetch`` and ``python -m flows.stages prepare``.
+
+Each reads its section of params.yaml (overrides with ``-S key.sub=value``, like ``dvc exp run
+-S``), takes its paths as arguments (defaults ``data/raw/<dataset>`` and
+``data/processed/<dataset>``) and calls vae_core's data logic, so ``dvc repro`` and the Prefect
+flow run the same code. A data or parameter problem prints ``error: <message>`` on stderr and
+exits with status 2, without a traceback; the previous outputs are left as they were.
+
+Kept light on purpose: no prefect or mlflow import, so a stage starts in about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flows.params import DEFAULT_PATH, ParamsError, load_params
+
+EXIT_BAD_INPUT = 2
+
+
+def raw_dir(dataset: str, root: str | Path = ".") -> Path:
+    """Where the fetch stage puts a dataset's raw files."""
+    return Path(root) / "data" / "raw" / dataset
+
+
+def processed_dir(dataset: str, root: str | Path = ".") -> Path:
+    """Where the prepare stage puts a dataset's splits."""
+    return Path(root) / "data" / "processed" / dataset
+
+
+def run_fetch(params: dict[str, Any], out: Path | None = None) -> dict[str, Any]:
+    """The fetch stage: ``params['data']`` names source and dataset, ``params['fetch']`` the
+    retry policy. Returns the manifest."""
+    from vae_core.data.sources import fetch_raw
+
+    data, fetch = params["data"], params["fetch"]
+    dest = out if out is not None else raw_dir(data["dataset"])
+    return fetch_raw(
+        data["source"],
+        data["dataset"],
+        dest,
+        retries=fetch["retries"],
+        backoff_s=fetch["backoff_s"],
+    )
+
+
+def run_prepare(
+    params: dict[str, Any], raw: Path | None = None, out: Path | None = None
+) -> dict[str, Any]:
+    """The prepare stage: validate the raw files, split, binarize the test set, save. Returns
+    the statistics written to ``stats.json``."""
+    from vae_core.data.splits import load_raw, save_arrays, split_arrays
+
+    data = params["data"]
+    raw = raw if raw is not None else raw_dir(data["dataset"])
+    out = out if out is not None else processed_dir(data["dataset"])
+    arrays, indices = split_arrays(
+        *load_raw(raw),
+        val_size=data["val_size"],
+        split_seed=data["split_seed"],
+        binarize_seed=data["binarize_seed"],
+    )
+    extra = {
+        "dataset": data["dataset"],
+        "val_size": data["val_size"],
+        "split_seed": data["split_seed"],
+        "binarize_seed": data["binarize_seed"],
+    }
+    return save_arrays(arrays, indices, out, extra_stats=extra)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.stages", description="DVC stage entry points of the data pipeline."
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default=DEFAULT_PATH, help="parameters file (params.yaml)")
+    common.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter in memory, e.g. -S data.split_seed=1 (repeatable)",
+    )
+    sub = parser.add_subparsers(dest="stage", required=True)
+    fetch = sub.add_parser("fetch", parents=[common], help="bring the raw IDX files in")
+    fetch.add_argument("--out", type=Path, default=None, help="default: data/raw/<dataset>")
+    prepare = sub.add_parser("prepare", parents=[common], help="validate, split, save")
+    prepare.add_argument("--raw", type=Path, default=None, help="default: data/raw/<dataset>")
+    prepare.add_argument("--out", type=Path, default=None, help="default: data/processed/<dataset>")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one stage; return 0 on success, 2 on bad data or parameters (message on stderr)."""
+    from vae_core.data.errors import DataError
+
+    args = _parser().parse_args(argv)
+    try:
+        params = load_params(args.params, args.overrides)
+        if args.stage == "fetch":
+            manifest = run_fetch(params, args.out)
+            counts = manifest["counts"]
+            print(
+                f"fetch: {manifest['dataset']} from {manifest['source']}: "
+                f"{counts['train']} train / {counts['test']} test images"
+            )
+            for split, label_counts in manifest["label_counts"].items():
+                print(f"fetch: {split} label counts {' '.join(map(str, label_counts))}")
+        else:
+            stats = run_prepare(params, args.raw, args.out)
+            c = stats["counts"]
+            print(f"prepare: {c['train']} train / {c['val']} val / {c['test']} test images")
+    except (DataError, ParamsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Splits: seeded validation split, fixed binarized test, pickle-free files, tensor views."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vae_core.data import (
+    ChecksumError,
+    DatasetMismatchError,
+    DatasetSplits,
+    ProcessedDataError,
+    SplitError,
+    binarize,
+    load_processed,
+    load_raw,
+    load_split_indices,
+    load_splits,
+    make_splits,
+    save_processed,
+    to_float,
+)
+from vae_core.data import splits as splits_mod
+
+
+@pytest.fixture
+def arrays(tmp_path: Path, write_raw) -> tuple[np.ndarray, ...]:
+    write_raw(tmp_path / "raw", 200, 50)
+    return load_raw(tmp_path / "raw")
+
+
+def split(arrays, val_size: int = 30, split_seed: int = 0, binarize_seed: int = 0):
+    return make_splits(
+        *arrays, val_size=val_size, split_seed=split_seed, binarize_seed=binarize_seed
+    )
+
+
+def test_make_splits_shapes_and_types(arrays) -> None:
+    s, idx = split(arrays)
+    assert isinstance(s, DatasetSplits)
+    assert s.counts() == {"train": 170, "val": 30, "test": 50}
+    assert s.train_images.dtype == torch.uint8 and s.train_images.shape == (170, 28, 28)
+    assert s.train_labels.dtype == torch.int64 and s.val_labels.dtype == torch.int64
+    assert s.test_binarized.dtype == torch.uint8
+    assert set(s.test_binarized.unique().tolist()) <= {0, 1}
+    # indices: disjoint, cover the training file, and pick the right rows
+    assert np.intersect1d(idx["train"], idx["val"]).size == 0
+    assert np.array_equal(np.sort(np.concatenate([idx["train"], idx["val"]])), np.arange(200))
+    assert np.array_equal(s.val_images.numpy(), arrays[0][idx["val"]])
+    assert np.array_equal(s.test_images.numpy(), arrays[2])
+
+
+def test_split_is_seeded(arrays) -> None:
+    a, ia = split(arrays, split_seed=1)
+    b, ib = split(arrays, split_seed=1)
+    c, ic = split(arrays, split_seed=2)
+    assert np.array_equal(ia["val"], ib["val"]) and torch.equal(a.val_images, b.val_images)
+    assert not np.array_equal(ia["val"], ic["val"])
+    assert torch.equal(a.test_binarized, c.test_binarized)  # binarization has its own seed
+
+
+def test_binarized_test_set_is_fixed_by_its_seed(arrays) -> None:
+    a, _ = split(arrays, binarize_seed=0)
+    b, _ = split(arrays, binarize_seed=0)
+    c, _ = split(arrays, binarize_seed=1)
+    assert torch.equal(a.test_binarized, b.test_binarized)
+    assert not torch.equal(a.test_binarized, c.test_binarized)
+    # the draw follows the grey levels: its mean is close to the mean intensity
+    grey = a.test_images.double().mean() / 255
+    assert abs(a.test_binarized.double().mean() - grey) < 0.01
+
+
+@pytest.mark.parametrize("val_size", [0, 200, 201, -1, True, 2.5])
+def test_val_size_must_fit(arrays, val_size) -> None:
+    with pytest.raises(
+        SplitError, match=rf"data.val_size = {val_size!r} .*training set of 200 images.*1 to 199"
+    ):
+        split(arrays, val_size=val_size)
+
+
+def test_seeds_must_be_non_negative_ints(arrays) -> None:
+    with pytest.raises(SplitError, match="data.split_seed: expected an integer >= 0, found -1"):
+        split(arrays, split_seed=-1)
+
+
+def test_save_and_load_round_trip(arrays, tmp_path: Path) -> None:
+    s, idx = split(arrays)
+    stats = save_processed(s, idx, tmp_path / "proc", extra_stats={"split_seed": 0})
+    back = load_processed(tmp_path / "proc")
+    for name in splits_mod.ARRAY_FILES:
+        assert torch.equal(getattr(back, name), getattr(s, name)), name
+    loaded = load_split_indices(tmp_path / "proc")
+    assert np.array_equal(loaded["val"], idx["val"])
+    for f in (tmp_path / "proc").glob("*.npy"):
+        np.load(f, allow_pickle=False)  # no pickle anywhere
+    on_disk = json.loads((tmp_path / "proc" / "stats.json").read_text())
+    assert on_disk == stats
+    assert stats["counts"] == {"train": 170, "val": 30, "test": 50}
+    assert sum(stats["class_counts"]["val"]) == 30
+    assert stats["class_counts"]["test"] == [5] * 10
+    assert stats["shapes"]["train"] == [170, 28, 28]
+    assert 0.4 < stats["pixel_mean"]["train"] < 0.6  # uniform random grey levels
+    assert stats["split_seed"] == 0
+    assert np.load(tmp_path / "proc" / "train_labels.npy").dtype == np.uint8  # compact
+
+
+def test_processed_files_are_byte_for_byte_reproducible(arrays, tmp_path: Path, digest) -> None:
+    s, idx = split(arrays)
+    save_processed(s, idx, tmp_path / "a")
+    save_processed(s, idx, tmp_path / "b")
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+
+
+def test_failed_save_leaves_previous_output(arrays, tmp_path: Path, digest, monkeypatch) -> None:
+    s, idx = split(arrays)
+    save_processed(s, idx, tmp_path / "proc")
+    before = digest(tmp_path / "proc")
+
+    def boom(*args, **kwargs):
+        raise OSError("interrupted")
+
+    monkeypatch.setattr(splits_mod, "write_json_atomic", boom)
+    s2, idx2 = split(arrays, split_seed=5)
+    with pytest.raises(OSError, match="interrupted"):
+        save_processed(s2, idx2, tmp_path / "proc")
+    assert digest(tmp_path / "proc") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proc", "raw"]  # no temp folders
+
+
+def test_missing_processed_file(arrays, tmp_path: Path) -> None:
+    s, idx = split(arrays)
+    save_processed(s, idx, tmp_path / "proc")
+    (tmp_path / "proc" / "val_labels.npy").unlink()
+    with pytest.raises(ProcessedDataError, match=r"val_labels.npy: missing"):
+        load_processed(tmp_path / "proc")
+    with pytest.raises(ProcessedDataError, match="expected a processed-data folder"):
+        load_processed(tmp_path / "nothing")
+
+
+def test_pickled_or_wrong_processed_file_is_refused(arrays, tmp_path: Path) -> None:
+    s, idx = split(arrays)
+    save_processed(s, idx, tmp_path / "proc")
+    np.save(tmp_path / "proc" / "test_labels.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ProcessedDataError, match=r"test_labels.npy: expected a .npy array that"):
+        load_processed(tmp_path / "proc")
+    np.save(tmp_path / "proc" / "test_labels.npy", np.zeros(3, np.uint8))
+    with pytest.raises(DatasetMismatchError, match="counts disagree"):
+        load_processed(tmp_path / "proc")
+
+
+def test_load_raw_checks_the_manifest(tmp_path: Path, write_raw) -> None:
+    from vae_core.data import fetch_raw
+    from vae_core.data.idx import write_idx
+
+    write_raw(tmp_path / "src")
+    fetch_raw(str(tmp_path / "src"), "mnist", tmp_path / "raw")
+    assert load_raw(tmp_path / "raw")[0].shape == (120, 28, 28)
+    labels = np.zeros(40, np.uint8)
+    write_idx(tmp_path / "raw" / "t10k-labels-idx1-ubyte.gz", labels)  # edited after fetch
+    with pytest.raises(ChecksumError, match=r"t10k-labels-idx1-ubyte.gz: sha256 checksum mismatch"):
+        load_raw(tmp_path / "raw")
+
+
+def test_load_splits_embedded(tmp_path: Path) -> None:
+    s = load_splits("embedded", val_size=500, cache_dir=tmp_path / "cache")
+    assert s.counts() == {"train": 3500, "val": 500, "test": 1000}
+    assert torch.bincount(s.test_labels).tolist() == [100] * 10
+    manifest = tmp_path / "cache" / "mnist" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    again = load_splits("embedded", val_size=500, cache_dir=tmp_path / "cache")  # reuses cache
+    assert manifest.stat().st_mtime_ns == stamp
+    assert torch.equal(again.val_images, s.val_images)
+
+
+def test_load_splits_folder_without_cache(tmp_path: Path, write_raw) -> None:
+    write_raw(tmp_path / "src", 100, 20)
+    s = load_splits(str(tmp_path / "src"), val_size=10, split_seed=3)
+    assert s.counts() == {"train": 90, "val": 10, "test": 20}
+
+
+def test_to_float_and_binarize() -> None:
+    images = torch.tensor([[[0, 255], [128, 64]]], dtype=torch.uint8).repeat(4, 14, 14)
+    x = to_float(images)
+    assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32
+    assert x.min() == 0.0 and x.max() == 1.0
+    assert to_float(images.unsqueeze(1)).shape == (4, 1, 28, 28)
+    g1 = torch.Generator().manual_seed(0)
+    g2 = torch.Generator().manual_seed(0)
+    b1, b2 = binarize(x, g1), binarize(x, g2)
+    assert torch.equal(b1, b2) and b1.dtype == torch.float32
+    assert set(b1.unique().tolist()) <= {0.0, 1.0}
+    assert torch.all(b1[x == 0] == 0) and torch.all(b1[x == 1] == 1)
+    assert not torch.equal(binarize(x, g1), b1)  # fresh draws each call: dynamic binarization
+    with pytest.raises(ProcessedDataError, match="expected uint8"):
+        to_float(x)
+    with pytest.raises(ProcessedDataError, match="expected float"):
+        binarize(images)
+
+
+def test_dataset_splits_checks_its_fields() -> None:
+    img = torch.zeros(3, 28, 28, dtype=torch.uint8)
+    lab = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(ProcessedDataError, match="val_labels: expected an int64"):
+        DatasetSplits(img, lab, img, lab.to(torch.uint8), img, lab, img)
+    with pytest.raises(ProcessedDataError, match="test_binarized"):
+        DatasetSplits(img, lab, img, lab, img, lab, img[:2])

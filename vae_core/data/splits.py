@@ -1,0 +1,460 @@
+"""From raw IDX files to the tensors a trainer uses: seeded validation split, fixed binarized
+test set, a compact pickle-free on-disk format, and the float / binarized views of images.
+
+Processed folder layout (every array a ``.npy`` file that loads with ``allow_pickle=False``)::
+
+    train_images.npy  uint8 N x 28 x 28     train_labels.npy  uint8 N
+    val_images.npy    uint8 V x 28 x 28     val_labels.npy    uint8 V
+    test_images.npy   uint8 M x 28 x 28     test_labels.npy   uint8 M
+    test_binarized.npy uint8 0/1 M x 28 x 28 (one fixed draw, so test scores are comparable)
+    split_indices.npz  train, val: int64 row numbers into the raw training file
+    stats.json         counts per class, pixel means, shapes, seeds
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vae_core.data.errors import ProcessedDataError, SplitError
+from vae_core.data.idx import IMAGE_SHAPE, NUM_CLASSES, read_idx, validate_pair
+from vae_core.data.sources import (
+    atomic_write_bytes,
+    fetch_raw,
+    locate_raw_files,
+    read_manifest,
+    replace_dir,
+    staging_dir,
+    verify_manifest,
+    write_json_atomic,
+)
+
+PROCESSED_FORMAT_VERSION = 1
+ARRAY_FILES: tuple[str, ...] = (
+    "train_images",
+    "train_labels",
+    "val_images",
+    "val_labels",
+    "test_images",
+    "test_labels",
+    "test_binarized",
+)
+INDICES_FILE = "split_indices.npz"
+STATS_FILE = "stats.json"
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that need it: the DVC stages work on numpy arrays
+# only, and importing torch costs seconds on a small CPU.
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """The three splits as CPU tensors: images uint8 ``N x 28 x 28``, labels int64 ``N``,
+    and ``test_binarized`` uint8 0/1 (a fixed draw so every model is scored on the same bits)."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    test_binarized: torch.Tensor
+
+    def __post_init__(self) -> None:
+        import torch
+
+        for split in ("train", "val", "test"):
+            images = getattr(self, f"{split}_images")
+            labels = getattr(self, f"{split}_labels")
+            if (
+                images.dtype != torch.uint8
+                or images.dim() != 3
+                or tuple(images.shape[1:]) != (IMAGE_SHAPE)
+            ):
+                raise ProcessedDataError(
+                    f"{split}_images: expected a uint8 tensor N x 28 x 28, found "
+                    f"{images.dtype} {tuple(images.shape)}"
+                )
+            if labels.dtype != torch.int64 or labels.dim() != 1:
+                raise ProcessedDataError(
+                    f"{split}_labels: expected an int64 vector, found {labels.dtype} "
+                    f"{tuple(labels.shape)}"
+                )
+            if labels.shape[0] != images.shape[0]:
+                raise ProcessedDataError(
+                    f"{split}: expected as many labels as images, found {labels.shape[0]} "
+                    f"labels and {images.shape[0]} images"
+                )
+        if self.test_binarized.shape != self.test_images.shape or (
+            self.test_binarized.dtype != torch.uint8
+        ):
+            raise ProcessedDataError(
+                f"test_binarized: expected uint8 of shape {tuple(self.test_images.shape)}, "
+                f"found {self.test_binarized.dtype} {tuple(self.test_binarized.shape)}"
+            )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The splits as numpy arrays in the on-disk layout (labels as uint8)."""
+        out: dict[str, np.ndarray] = {}
+        for name in ARRAY_FILES:
+            array = getattr(self, name).detach().cpu().numpy()
+            out[name] = array.astype(np.uint8) if name.endswith("_labels") else array
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Number of images per split."""
+        return {
+            "train": int(self.train_images.shape[0]),
+            "val": int(self.val_images.shape[0]),
+            "test": int(self.test_images.shape[0]),
+        }
+
+
+# --------------------------------------------------------------------------- raw -> arrays
+
+
+def load_raw(
+    raw_dir: str | os.PathLike[str],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read and validate a raw folder: ``(train_images, train_labels, test_images, test_labels)``.
+
+    When the folder holds a ``manifest.json`` (as ``fetch_raw`` writes), each file's sha256 is
+    checked against it, so a file edited after the fetch is caught here.
+    """
+    paths = locate_raw_files(raw_dir)
+    verify_manifest(raw_dir, paths)
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    for split in ("train", "test"):
+        validate_pair(
+            arrays[f"{split}_images"],
+            arrays[f"{split}_labels"],
+            paths[f"{split}_images"],
+            paths[f"{split}_labels"],
+        )
+    return (
+        arrays["train_images"],
+        arrays["train_labels"],
+        arrays["test_images"],
+        arrays["test_labels"],
+    )
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise SplitError(f"{name}: expected an integer >= {minimum}, found {value!r}")
+    return int(value)
+
+
+def split_arrays(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    val_size: int,
+    split_seed: int,
+    binarize_seed: int,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The numpy core of ``make_splits``: arrays keyed like the processed files, and indices.
+
+    The validation rows are a seeded permutation's first ``val_size``; the binarized test set
+    is one Bernoulli draw per pixel from its own seed, fixed so every model sees the same bits.
+    """
+    validate_pair(train_images, train_labels, "train images", "train labels")
+    validate_pair(test_images, test_labels, "test images", "test labels")
+    n = int(train_images.shape[0])
+    if (
+        isinstance(val_size, bool)
+        or not isinstance(val_size, int | np.integer)
+        or not (1 <= val_size <= n - 1)
+    ):
+        raise SplitError(
+            f"data.val_size = {val_size!r} does not fit the training set of {n} images: expected "
+            f"an integer from 1 to {n - 1} (at least one image must remain for training)"
+        )
+    split_seed = _check_int("data.split_seed", split_seed, 0)
+    binarize_seed = _check_int("data.binarize_seed", binarize_seed, 0)
+    perm = np.random.default_rng(split_seed).permutation(n)
+    val_idx = np.sort(perm[: int(val_size)]).astype(np.int64)
+    train_idx = np.sort(perm[int(val_size) :]).astype(np.int64)
+    rng = np.random.default_rng(binarize_seed)
+    probs = test_images.astype(np.float32) / np.float32(255.0)
+    test_bin = (rng.random(test_images.shape, dtype=np.float32) < probs).astype(np.uint8)
+    arrays = {
+        "train_images": train_images[train_idx],
+        "train_labels": train_labels[train_idx],
+        "val_images": train_images[val_idx],
+        "val_labels": train_labels[val_idx],
+        "test_images": np.ascontiguousarray(test_images),
+        "test_labels": np.ascontiguousarray(test_labels),
+        "test_binarized": test_bin,
+    }
+    return arrays, {"train": train_idx, "val": val_idx}
+
+
+def _to_splits(arrays: dict[str, np.ndarray]) -> DatasetSplits:
+    import torch
+
+    return DatasetSplits(
+        **{
+            name: torch.from_numpy(
+                np.ascontiguousarray(a.astype(np.int64) if name.endswith("_labels") else a)
+            )
+            for name, a in arrays.items()
+        }
+    )
+
+
+def make_splits(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    val_size: int,
+    split_seed: int,
+    binarize_seed: int,
+) -> tuple[DatasetSplits, dict[str, np.ndarray]]:
+    """Carve a seeded validation set out of the training data and draw the fixed binarized test.
+
+    Returns the splits and ``{"train": idx, "val": idx}``: sorted row numbers into the raw
+    training arrays, so anyone can tell exactly which images were held out.
+    """
+    arrays, indices = split_arrays(
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        val_size=val_size,
+        split_seed=split_seed,
+        binarize_seed=binarize_seed,
+    )
+    return _to_splits(arrays), indices
+
+
+# --------------------------------------------------------------------------- on disk
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Like ``np.savez`` but byte-for-byte reproducible (fixed zip timestamps), so DVC sees the
+    same hash when nothing changed."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key in sorted(arrays):
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, _npy_bytes(arrays[key]))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def array_stats(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Counts per class, pixel means (in [0, 1]) and shapes per split, for a quick look."""
+    stats: dict[str, Any] = {
+        "format_version": PROCESSED_FORMAT_VERSION,
+        "counts": {},
+        "class_counts": {},
+        "pixel_mean": {},
+        "shapes": {},
+    }
+    for split in ("train", "val", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        stats["counts"][split] = int(images.shape[0])
+        stats["class_counts"][split] = np.bincount(labels, minlength=NUM_CLASSES).tolist()
+        mean = float(images.mean(dtype=np.float64)) / 255.0 if images.size else 0.0
+        stats["pixel_mean"][split] = round(mean, 6)
+        stats["shapes"][split] = list(images.shape)
+    binarized = arrays["test_binarized"]
+    mean = float(binarized.mean(dtype=np.float64)) if binarized.size else 0.0
+    stats["pixel_mean"]["test_binarized"] = round(mean, 6)
+    return stats
+
+
+def split_stats(splits: DatasetSplits) -> dict[str, Any]:
+    """``array_stats`` of a ``DatasetSplits``."""
+    return array_stats(splits.arrays())
+
+
+def save_arrays(
+    arrays: dict[str, np.ndarray],
+    indices: dict[str, np.ndarray],
+    out_dir: str | os.PathLike[str],
+    *,
+    extra_stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The numpy core of ``save_processed`` (the prepare stage calls it without torch)."""
+    out = Path(out_dir)
+    missing = [name for name in ARRAY_FILES if name not in arrays]
+    if missing:
+        raise ProcessedDataError(f"arrays to save: expected {list(ARRAY_FILES)}, missing {missing}")
+    for key in ("train", "val"):
+        if key not in indices:
+            raise ProcessedDataError(
+                f"split indices: expected keys 'train' and 'val', found {sorted(indices)}"
+            )
+    stats = array_stats(arrays)
+    if extra_stats:
+        stats.update(extra_stats)
+    with staging_dir(out) as tmp:
+        for name in ARRAY_FILES:
+            array = arrays[name]
+            if name.endswith("_labels"):
+                array = array.astype(np.uint8)
+            atomic_write_bytes(tmp / f"{name}.npy", _npy_bytes(array))
+        _write_npz(
+            tmp / INDICES_FILE, {k: np.asarray(v, dtype=np.int64) for k, v in indices.items()}
+        )
+        write_json_atomic(tmp / STATS_FILE, stats)
+        replace_dir(tmp, out)
+    return stats
+
+
+def save_processed(
+    splits: DatasetSplits,
+    indices: dict[str, np.ndarray],
+    out_dir: str | os.PathLike[str],
+    *,
+    extra_stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the processed folder atomically (built in a temporary sibling, then renamed into
+    place) and return the statistics written to ``stats.json``.
+
+    ``extra_stats`` (for example the seeds) is merged into ``stats.json``.
+    """
+    return save_arrays(splits.arrays(), indices, out_dir, extra_stats=extra_stats)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise ProcessedDataError(
+            f"{path}: missing: expected the processed file (run the prepare stage: "
+            "`dvc repro prepare` or `python -m flows.stages prepare`)"
+        )
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ProcessedDataError(
+            f"{path}: expected a .npy array that loads without pickle, found unreadable "
+            f"content ({exc})"
+        ) from exc
+
+
+def load_processed(processed_dir: str | os.PathLike[str]) -> DatasetSplits:
+    """Load a folder written by ``save_processed`` (no pickle), checking dtypes and shapes."""
+    folder = Path(processed_dir)
+    if not folder.is_dir():
+        raise ProcessedDataError(
+            f"{folder}: expected a processed-data folder, found nothing (run the prepare stage)"
+        )
+    arrays = {name: _load_npy(folder / f"{name}.npy") for name in ARRAY_FILES}
+    for split in ("train", "val", "test"):
+        validate_pair(
+            arrays[f"{split}_images"],
+            arrays[f"{split}_labels"],
+            folder / f"{split}_images.npy",
+            folder / f"{split}_labels.npy",
+        )
+    binarized = arrays["test_binarized"]
+    if (
+        binarized.dtype != np.uint8
+        or binarized.shape != arrays["test_images"].shape
+        or (binarized.size and binarized.max() > 1)
+    ):
+        raise ProcessedDataError(
+            f"{folder / 'test_binarized.npy'}: expected uint8 0/1 of shape "
+            f"{arrays['test_images'].shape}, found {binarized.dtype} {binarized.shape}"
+        )
+    return _to_splits(arrays)
+
+
+def load_split_indices(processed_dir: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The train / val row numbers saved beside the processed arrays."""
+    path = Path(processed_dir) / INDICES_FILE
+    if not path.is_file():
+        raise ProcessedDataError(f"{path}: missing: expected the split indices")
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def load_splits(
+    source: str,
+    dataset: str = "mnist",
+    *,
+    val_size: int = 500,
+    split_seed: int = 0,
+    binarize_seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    retries: int = 3,
+    backoff_s: float = 1.0,
+) -> DatasetSplits:
+    """Fetch ``source`` and split it in memory: the one-call path for ``vae-pipeline train``.
+
+    With ``cache_dir`` the raw files are kept in ``cache_dir/<dataset>`` and reused while its
+    manifest names the same source; otherwise they go to a temporary folder that is removed.
+    """
+    if cache_dir is not None:
+        raw = Path(cache_dir) / dataset
+        manifest = read_manifest(raw) if raw.is_dir() else None
+        if (
+            manifest is None
+            or manifest.get("source") != source
+            or (manifest.get("dataset") != dataset)
+        ):
+            fetch_raw(source, dataset, raw, retries=retries, backoff_s=backoff_s)
+        arrays = load_raw(raw)
+    else:
+        with tempfile.TemporaryDirectory(prefix="vae-raw-") as tmp:
+            raw = Path(tmp) / dataset
+            fetch_raw(source, dataset, raw, retries=retries, backoff_s=backoff_s)
+            arrays = load_raw(raw)
+    splits, _ = make_splits(
+        *arrays, val_size=val_size, split_seed=split_seed, binarize_seed=binarize_seed
+    )
+    return splits
+
+
+# --------------------------------------------------------------------------- views
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (``N x 28 x 28`` or ``N x 1 x 28 x 28``) as float32 in [0, 1], shape
+    ``N x 1 x 28 x 28``, on the same device: the form every model takes."""
+    import torch
+
+    if images.dtype != torch.uint8:
+        raise ProcessedDataError(f"to_float: expected uint8 images, found {images.dtype}")
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    if images.dim() != 4 or images.shape[1] != 1:
+        raise ProcessedDataError(
+            f"to_float: expected N x 28 x 28 or N x 1 x 28 x 28, found {tuple(images.shape)}"
+        )
+    return images.to(torch.float32).div_(255.0)
+
+
+def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dynamic binarization: one Bernoulli draw per pixel with the grey level as probability.
+
+    Called afresh every epoch it acts as data augmentation (the standard protocol of the
+    binarized-MNIST likelihood literature). ``generator`` must live on the images' device.
+    """
+    import torch
+
+    if not images.is_floating_point():
+        raise ProcessedDataError(f"binarize: expected float images in [0, 1], found {images.dtype}")
+    return torch.bernoulli(images, generator=generator)

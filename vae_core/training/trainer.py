@@ -1,0 +1,230 @@
+"""The training loop: the whole data set lives on the device, and batches are sliced from it.
+
+No DataLoader in the hot loop: MNIST fits in a few hundred MB, so one shuffled index tensor
+per epoch replaces worker processes, collation and host-to-device copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vae_core.models.vae import VAE
+from vae_core.objectives import beta_at, dataset_elbo, training_loss
+from vae_core.training.checkpoint import (
+    BEST_WEIGHTS_NAME,
+    CHECKPOINT_NAME,
+    atomic_torch_save,
+    load_checkpoint,
+)
+from vae_core.training.config import TrainConfig
+from vae_core.training.device import pick_device
+from vae_core.training.progress import ProgressBar
+
+EpochCallback = Callable[[dict], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped before applying that step."""
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_neg_elbo: float = math.inf
+    epochs_completed: int = 0
+    stopped_early: bool = False
+    resumed_from_epoch: int = 0
+    train_samples_per_second: float = 0.0
+    device: str = "cpu"
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) or (N, 1, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    return images.float().reshape(len(images), 1, 28, 28)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    """Fits a VAE with Adam; checkpoints every epoch and resumes from the last one."""
+
+    def __init__(self, model: VAE, config: TrainConfig):
+        self.config = config
+        self.device = pick_device(config.device)
+        torch.manual_seed(config.seed)
+        self.model = model.to(self.device)
+        cuda = self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=cuda)
+        # Explicit generators make shuffling, binarization and eps resumable exactly.
+        self.shuffle_gen = torch.Generator().manual_seed(config.seed)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        self.loss_fn = torch.compile(training_loss) if config.compile else training_loss
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _state(self, epoch: int, result: TrainResult, since_best: int) -> dict:
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "shuffle_rng": self.shuffle_gen.get_state(),
+            "noise_rng": self.noise_gen.get_state().cpu(),
+            "history": result.history,
+            "best_epoch": result.best_epoch,
+            "best_val_neg_elbo": result.best_val_neg_elbo,
+            "epochs_since_best": since_best,
+            "model_config": self.model.config.to_dict(),
+        }
+
+    def _restore(self, state: dict, result: TrainResult) -> int:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.shuffle_gen.set_state(state["shuffle_rng"])
+        self.noise_gen.set_state(state["noise_rng"].to(self.noise_gen.device))
+        result.history = list(state["history"])
+        result.best_epoch = int(state["best_epoch"])
+        result.best_val_neg_elbo = float(state["best_val_neg_elbo"])
+        result.resumed_from_epoch = int(state["epoch"])
+        return int(state["epochs_since_best"])
+
+    def fit(
+        self,
+        train_images: torch.Tensor,
+        val_images: torch.Tensor,
+        checkpoint_dir: Path | None = None,
+        callbacks: list[EpochCallback] | None = None,
+        resume: bool = True,
+    ) -> TrainResult:
+        """Train for config.epochs epochs (or until early stopping) and keep the best weights.
+
+        `val_images` are scored with a fixed binarization (binarized variant) and a fixed eps, so
+        validation figures are comparable from epoch to epoch.
+        """
+        cfg = self.config
+        callbacks = callbacks or []
+        train_x = to_unit_float(train_images).to(self.device)
+        val_x = self._fixed_validation_set(val_images)
+        result = TrainResult(device=str(self.device))
+        since_best = 0
+        start_epoch = 0
+        ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+        if ckpt_path is not None and resume and ckpt_path.is_file():
+            since_best = self._restore(load_checkpoint(ckpt_path), result)
+            start_epoch = result.resumed_from_epoch
+        elif ckpt_path is not None and not resume and ckpt_path.exists():
+            ckpt_path.unlink()
+
+        n = len(train_x)
+        seen, train_seconds = 0, 0.0
+        for epoch in range(start_epoch, cfg.epochs):
+            if cfg.patience and since_best >= cfg.patience:
+                result.stopped_early = True
+                break
+            beta = beta_at(epoch, cfg.beta, cfg.warmup_epochs)
+            t0 = time.perf_counter()
+            train_loss, train_neg_elbo = self.train_epoch(train_x, epoch, beta)
+            _synchronize(self.device)
+            seconds = time.perf_counter() - t0
+            seen += n
+            train_seconds += seconds
+
+            val = dataset_elbo(self.model, val_x, cfg.eval_batch_size, self._eval_generator())
+            val_neg_elbo = float(-val.elbo.mean())
+            metrics = {
+                "epoch": epoch + 1,
+                "beta": beta,
+                "train_loss": train_loss,
+                "train_neg_elbo": train_neg_elbo,
+                "val_neg_elbo": val_neg_elbo,
+                "val_recon": float(-val.log_px_z.mean()),
+                "val_kl": float(val.kl.mean()),
+                "epoch_seconds": seconds,
+                "samples_per_second": n / seconds,
+            }
+            result.history.append(metrics)
+            if val_neg_elbo < result.best_val_neg_elbo:
+                result.best_val_neg_elbo, result.best_epoch, since_best = val_neg_elbo, epoch + 1, 0
+                if checkpoint_dir:
+                    atomic_torch_save(
+                        self.model.state_dict(), Path(checkpoint_dir) / BEST_WEIGHTS_NAME
+                    )
+            else:
+                since_best += 1
+            if ckpt_path is not None:
+                atomic_torch_save(self._state(epoch + 1, result, since_best), ckpt_path)
+            for callback in callbacks:
+                callback(metrics)
+
+        result.epochs_completed = len(result.history)
+        if cfg.patience and since_best >= cfg.patience and result.epochs_completed < cfg.epochs:
+            result.stopped_early = True
+        result.train_samples_per_second = seen / train_seconds if train_seconds else 0.0
+        self._load_best(checkpoint_dir)
+        return result
+
+    def train_epoch(self, train_x: torch.Tensor, epoch: int, beta: float) -> tuple[float, float]:
+        cfg = self.config
+        self.model.train()
+        n = len(train_x)
+        order = torch.randperm(n, generator=self.shuffle_gen).to(self.device)
+        if cfg.data_variant == "binarized":
+            # Dynamic binarization: a fresh Bernoulli draw of every image each epoch.
+            epoch_x = torch.bernoulli(train_x, generator=self.noise_gen)
+        else:
+            epoch_x = train_x
+        steps = math.ceil(n / cfg.batch_size)
+        bar = ProgressBar(steps, f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        neg_elbo_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        for step in range(steps):
+            x = epoch_x[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+            with self._autocast():
+                loss, terms = self.loss_fn(self.model, x, beta, self.noise_gen)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                    "stopped before applying that step (try a lower train.lr)"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.detach() * len(x)
+            neg_elbo_sum += -terms.elbo.detach().sum()
+            bar.update(step + 1)
+        train_loss = float(loss_sum) / n
+        bar.close(f"loss {train_loss:.2f}")
+        return train_loss, float(neg_elbo_sum) / n
+
+    def _fixed_validation_set(self, val_images: torch.Tensor) -> torch.Tensor:
+        val_x = to_unit_float(val_images).to(self.device)
+        if self.config.data_variant == "binarized":
+            gen = torch.Generator(device=self.device).manual_seed(self.config.seed + 2)
+            val_x = torch.bernoulli(val_x, generator=gen)
+        return val_x
+
+    def _eval_generator(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.config.seed + 3)
+
+    def _load_best(self, checkpoint_dir: Path | None) -> None:
+        best = Path(checkpoint_dir) / BEST_WEIGHTS_NAME if checkpoint_dir else None
+        if best is not None and best.is_file():
+            self.model.load_state_dict(
+                torch.load(best, map_location=self.device, weights_only=True)
+            )
+        self.model.eval()
