@@ -88,14 +88,163 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": (_add_train, _cmd_train), "bench": (_add_bench, _cmd_bench)}
+def _quiet_prefect_defaults() -> None:
+    """No network here: keep Prefect from phoning home; respect anything the user set."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The temporary server needs ~10 s on an idle 2-core machine; allow for a busy one.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the training pipeline flow with params.yaml")
+    p.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter, e.g. -S train.epochs=3",
+    )
+    p.add_argument("--workdir", default=".", help="the project folder (params.yaml, dvc.yaml)")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _quiet_prefect_defaults()
+    from flows.params import load_params
+
+    load_params(Path(args.workdir) / "params.yaml", args.overrides)  # fail fast, before Prefect
+    from flows.pipeline import training_pipeline
+
+    result = training_pipeline(overrides=args.overrides, workdir=args.workdir)
+    print(json.dumps({k: result[k] for k in ("run_id", "model", "gate")}, indent=2, default=str))
+    return 0
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    from flows.params import load_params
+    from flows.registry import registered_model_name
+
+    if args.model_name:
+        return args.model_name
+    return registered_model_name(load_params(Path(args.workdir) / "params.yaml")["data"]["dataset"])
+
+
+def _configure_mlflow(workdir: str) -> None:
+    from flows.tracking import configure
+
+    configure(Path(workdir))
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="draw a sample grid from a registered model")
+    p.add_argument("--model", required=True, help="e.g. models:/mnist-vae@champion")
+    p.add_argument("-n", "--num", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("samples.png"))
+    p.add_argument("--workdir", default=".")
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from flows.model_io import load_vae
+    from vae_core.evaluation.images import save_sample_grid
+
+    _configure_mlflow(args.workdir)
+    model = load_vae(args.model)
+    images = model.sample(args.num, torch.Generator().manual_seed(args.seed))
+    print(save_sample_grid(images, args.out))
+    return 0
+
+
+def _add_promote(sub: argparse._SubParsersAction) -> None:
+    for name, help_text in (
+        ("promote", "make a version champion by hand"),
+        ("rollback", "point champion back at previous-champion"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        if name == "promote":
+            p.add_argument("version", help="the model version to promote")
+        p.add_argument("--reason", required=True, help="why; recorded on the version")
+        p.add_argument("--actor", default=None, help="who (default: $USER)")
+        p.add_argument("--model-name", default=None, help="default: <data.dataset>-vae")
+        p.add_argument("--workdir", default=".")
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    import getpass
+
+    from flows import registry
+
+    _configure_mlflow(args.workdir)
+    actor = args.actor or getpass.getuser()
+    name = _model_name(args)
+    if args.command == "promote":
+        change = registry.promote_version(name, args.version, args.reason, actor)
+    else:
+        change = registry.rollback(name, args.reason, actor)
+    print(change)
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the flow on a schedule (needs a Prefect server)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--cron", default="0 2 * * *", help="cron schedule (default nightly 02:00)")
+    when.add_argument("--interval", type=float, default=None, help="seconds between runs")
+    p.add_argument("--name", default="nightly", help="deployment name")
+    p.add_argument(
+        "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE"
+    )
+    p.add_argument("--workdir", default=".")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    _quiet_prefect_defaults()
+    if not os.environ.get("PREFECT_API_URL"):
+        print(
+            "error: PREFECT_API_URL is not set: start `prefect server start --host 127.0.0.1` "
+            "and export PREFECT_API_URL=http://127.0.0.1:4200/api",
+            file=sys.stderr,
+        )
+        return 2
+    from flows.pipeline import training_pipeline
+
+    schedule = {"interval": args.interval} if args.interval else {"cron": args.cron}
+    training_pipeline.serve(
+        name=args.name,
+        parameters={"overrides": args.overrides, "workdir": str(Path(args.workdir).resolve())},
+        **schedule,
+    )
+    return 0
+
+
+COMMANDS = {
+    "train": (_add_train, _cmd_train),
+    "bench": (_add_bench, _cmd_bench),
+    "run": (_add_run, _cmd_run),
+    "sample": (_add_sample, _cmd_sample),
+    "promote": (_add_promote, _cmd_promote),
+    "rollback": (None, _cmd_promote),
+    "serve": (_add_serve, _cmd_serve),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vae-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
-        add(sub)
+        if add is not None:
+            add(sub)
     return parser
 
 
@@ -103,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2

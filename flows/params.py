@@ -111,10 +111,23 @@ def positive_int_list(v: Any) -> str | None:
     return None if ok else "a non-empty list of integers >= 1, e.g. [400]"
 
 
+NAMED_SOURCES = ("embedded", "download")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def source_value(v: Any) -> str | None:
-    if isinstance(v, str) and v.strip():
+    allowed = "'embedded', 'download', or a folder path holding the four IDX files"
+    if not (isinstance(v, str) and v.strip()):
+        return allowed
+    if v in NAMED_SOURCES or os.path.isdir(v):
         return None
-    return "'embedded', 'download', or a folder path holding the four IDX files"
+    if _URL.match(v):
+        return f"{allowed} (a URL is not a source: download the files into a folder)"
+    if os.sep not in v and "/" not in v:
+        close = difflib.get_close_matches(v.lower(), NAMED_SOURCES, n=1, cutoff=0.6)
+        if close:
+            return f"{allowed} ({v!r} is no folder here and looks like {close[0]!r} misspelled)"
+    return None
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|mps|cuda:\d+)$")
@@ -304,9 +317,27 @@ def load_params(
     params = _read_yaml(Path(path))
     try:
         apply_overrides(params, overrides)
-        return validate_params(params)
+        checked = validate_params(params)
+        check_val_size_fits(checked)
+        return checked
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from None
+
+
+def check_val_size_fits(params: Mapping[str, Any]) -> None:
+    """Refuse a ``data.val_size`` that leaves no training image, when the size of the source's
+    training set is known without fetching (named sources, or a folder's IDX header); the
+    prepare stage checks the real count again."""
+    from vae_core.data.sources import train_count_hint
+
+    data = params["data"]
+    n = train_count_hint(data["source"], data["dataset"])
+    if n is not None and data["val_size"] > n - 1:
+        raise ParamsError(
+            f"data.val_size = {data['val_size']!r} does not fit the training set of {n} images "
+            f"of data.source = {data['source']!r}: expected an integer from 1 to {n - 1} (at "
+            "least one image must remain for training)"
+        )
 
 
 def write_params(

@@ -33,7 +33,7 @@ DEFAULTS = ("data.source=embedded", "data.split_seed=0", "data.val_size=500")
 @pytest.fixture(scope="module")
 def baseline(dvc_project: Path, dvc, digest) -> dict:
     """The default pipeline reproduced once: its lineage and the bytes of its outputs."""
-    result = dvc(dvc_project, "repro")
+    result = dvc(dvc_project, "repro", "prepare")
     assert result.returncode == 0, result.stdout + result.stderr
     assert ran(result, "fetch") and ran(result, "prepare")
     return {
@@ -56,7 +56,7 @@ def test_repro_on_embedded_data_then_up_to_date(dvc_project: Path, baseline, dvc
     assert lineage["raw"]["stage"] == "fetch" and lineage["processed"]["stage"] == "prepare"
     assert lineage["params_match_lock"] is True
 
-    again = dvc(dvc_project, "repro")
+    again = dvc(dvc_project, "repro", "prepare")
     assert again.returncode == 0
     assert "Data and pipelines are up to date" in again.stdout
     assert not ran(again, "fetch") and not ran(again, "prepare")
@@ -65,7 +65,7 @@ def test_repro_on_embedded_data_then_up_to_date(dvc_project: Path, baseline, dvc
 def test_split_seed_reruns_prepare_only(dvc_project: Path, baseline, dvc, digest) -> None:
     set_params(dvc_project, "data.split_seed=1")
     assert data_lineage(dvc_project)["params_match_lock"] is False
-    result = dvc(dvc_project, "repro")
+    result = dvc(dvc_project, "repro", "prepare")
     assert result.returncode == 0, result.stderr
     assert ran(result, "prepare") and not ran(result, "fetch")
     lineage = data_lineage(dvc_project)
@@ -73,7 +73,7 @@ def test_split_seed_reruns_prepare_only(dvc_project: Path, baseline, dvc, digest
     assert lineage["processed_md5"] != baseline["lineage"]["processed_md5"]
 
     set_params(dvc_project, *DEFAULTS)  # back: restored from DVC's run cache, byte for byte
-    result = dvc(dvc_project, "repro")
+    result = dvc(dvc_project, "repro", "prepare")
     assert result.returncode == 0 and not ran(result, "fetch")
     assert data_lineage(dvc_project)["processed_md5"] == baseline["lineage"]["processed_md5"]
     assert digest(dvc_project / "data") == baseline["data"]
@@ -103,7 +103,7 @@ def test_bad_inputs_fail_clearly_and_checkout_restores(
         else:  # write_params refuses bad values, so edit the file as a user would
             text = params_text.replace("dataset: mnist", "dataset: cifar")
             (dvc_project / "params.yaml").write_text(text)
-        result = dvc(dvc_project, "repro")
+        result = dvc(dvc_project, "repro", "prepare")
         assert result.returncode != 0, bad
         output = result.stdout + result.stderr
         assert "error: " in output and message in output, output
@@ -113,10 +113,10 @@ def test_bad_inputs_fail_clearly_and_checkout_restores(
     # DVC removed the outputs of the stages it tried to run; restoring params.yaml and
     # checking out brings them back from the cache, byte for byte.
     (dvc_project / "params.yaml").write_text(params_text)
-    restored = dvc(dvc_project, "checkout")
+    restored = dvc(dvc_project, "checkout", "prepare")
     assert restored.returncode == 0, restored.stderr
     assert digest(dvc_project / "data") == baseline["data"]
-    status = dvc(dvc_project, "status")
+    status = dvc(dvc_project, "status", "prepare")
     assert "up to date" in status.stdout, status.stdout
 
 
@@ -135,7 +135,7 @@ def test_folder_source_reruns_both(
 ) -> None:
     write_raw(tmp_path / "idx", 1000, 200)
     set_params(dvc_project, f"data.source={tmp_path / 'idx'}")
-    result = dvc(dvc_project, "repro")
+    result = dvc(dvc_project, "repro", "prepare")
     assert result.returncode == 0, result.stderr
     assert ran(result, "fetch") and ran(result, "prepare")
     stats = json.loads((dvc_project / "data/processed/mnist/stats.json").read_text())

@@ -1,0 +1,309 @@
+"""The VAE as an MLflow model: logged pickle-free, rebuilt anywhere without unpickling.
+
+One MLflow model artifact holds two things:
+- `data/model.pt2`: a torch.export program of a deterministic CPU wrapper whose `forward` maps
+  an image batch (B, 1, 28, 28) float32 in [0, 1] to its reconstruction (the decoder mean at
+  z = mu). It loads with `mlflow.pytorch.load_model` or `mlflow.pyfunc.load_model`, with no
+  project code, but it is only `forward`: it cannot sample.
+- `extra_files/model.safetensors` + `extra_files/model_config.json`: the weights and the config
+  of the full VAE, so `load_vae` can rebuild it (sampling needs the decoder). The MLmodel
+  metadata names both files and the weights' sha256.
+
+Nothing here unpickles: safetensors is a flat tensor format, a `.pt` weights file is read with
+`torch.load(weights_only=True)`, and a pickle-flavoured MLflow model is refused unless the
+caller passes `allow_pickle=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import pickle
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types import Schema, TensorSpec
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vae_core.models.vae import VAE, build_vae
+from vae_core.training.checkpoint import MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME
+
+IMAGE_SHAPE = (1, 28, 28)
+SAFETENSORS_NAME = "model.safetensors"
+EXTRA_DIR = "extra_files"
+EXAMPLE_BATCH = 2  # torch.export makes a size-1 batch static: the example must be larger.
+EXAMPLE_SEED = 0
+
+# Keys in the MLmodel `metadata` block; other code (and people) read them.
+META_WEIGHTS = "vae_weights"
+META_CONFIG = "vae_config"
+META_SHA256 = "vae_weights_sha256"
+META_FORMAT = "vae_weights_format"
+META_FORWARD = "vae_forward"
+META_DATA_VARIANT = "vae_data_variant"
+
+FORWARD_DOC = "reconstruction: decoder mean at z = mu; input (B, 1, 28, 28) float32 in [0, 1]"
+
+
+class ModelLoadError(RuntimeError):
+    """The MLflow model cannot be turned into a VAE (missing, unsafe or inconsistent files)."""
+
+
+class UnsafeModelError(ModelLoadError):
+    """Loading would unpickle arbitrary objects, which can run code."""
+
+
+class ReconstructionModule(nn.Module):
+    """What the pt2 export traces: the VAE's deterministic `forward` on CPU in float32.
+
+    A separate module (not the VAE itself) so the exported graph is exactly this one mapping,
+    whatever methods the VAE grows later.
+    """
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae(x).float()
+
+
+def image_signature() -> ModelSignature:
+    """Tensor signature, dynamic batch: pt2 needs a TensorSpec input to know what to export."""
+    spec = TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))
+    return ModelSignature(inputs=Schema([spec]), outputs=Schema([spec]))
+
+
+def default_input_example() -> np.ndarray:
+    """A seeded batch of EXAMPLE_BATCH images in [0, 1]: the same bytes on every machine."""
+    rng = np.random.default_rng(EXAMPLE_SEED)
+    return rng.random((EXAMPLE_BATCH, *IMAGE_SHAPE), dtype=np.float32)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a weights-only torch file; never unpickles objects."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path), device="cpu")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise UnsafeModelError(
+            f"{path}: not a weights-only torch file (refused to unpickle it): {exc}"
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path}: expected a state dict of tensors, found {type(state)}")
+    return state
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot read the model config: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def _rebuild(weights_path: Path, config_path: Path) -> tuple[VAE, dict[str, Any]]:
+    config = _read_config(config_path)
+    model = build_vae(config)
+    state = _read_weights(weights_path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{weights_path}: weights do not fit {config_path}: {exc}") from exc
+    return model.eval(), config
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned from the installed distributions (torch.__version__ carries a +cuXXX suffix that
+    pip cannot match), and given explicitly so MLflow skips its slow requirement inference."""
+    return [f"{dist}=={importlib.metadata.version(dist)}" for dist in ("torch", "safetensors")]
+
+
+def log_vae(
+    model_dir: Path, name: str = "model", input_example: np.ndarray | None = None
+) -> ModelInfo:
+    """Log the VAE saved in model_dir (save_model's layout) to the active MLflow run.
+
+    The pt2 program serves reconstructions; the safetensors weights and the config beside it
+    rebuild the full VAE (`load_vae`). `input_example` must be a batch of at least two images;
+    by default a seeded random batch.
+    """
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_vae: expected an active MLflow run (mlflow.start_run), found none")
+    model_dir = Path(model_dir)
+    config_path = model_dir / MODEL_CONFIG_NAME
+    weights_path = model_dir / SAFETENSORS_NAME
+    if not weights_path.is_file():
+        weights_path = model_dir / MODEL_WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: expected a saved model file here, found nothing")
+    vae, config = _rebuild(weights_path, config_path)
+    vae = vae.cpu().float().eval()
+    example = default_input_example() if input_example is None else np.asarray(input_example)
+    if example.shape[1:] != IMAGE_SHAPE or len(example) < EXAMPLE_BATCH:
+        raise ValueError(
+            f"input_example: expected shape (B >= {EXAMPLE_BATCH}, 1, 28, 28), "
+            f"found {example.shape}"
+        )
+    example = example.astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        st_path = Path(tmp) / SAFETENSORS_NAME
+        save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(st_path))
+        cfg_path = Path(tmp) / MODEL_CONFIG_NAME
+        cfg_path.write_text(json.dumps(config, indent=2) + "\n")
+        metadata = {
+            META_WEIGHTS: f"{EXTRA_DIR}/{SAFETENSORS_NAME}",
+            META_CONFIG: f"{EXTRA_DIR}/{MODEL_CONFIG_NAME}",
+            META_SHA256: _sha256(st_path),
+            META_FORMAT: "safetensors",
+            META_FORWARD: FORWARD_DOC,
+            META_DATA_VARIANT: str(config.get("data_variant", "unknown")),
+        }
+        # A numpy example (not a tensor) keeps the pyfunc flavour: MLflow drops pyfunc for pt2
+        # models whose example is a torch.Tensor.
+        return mlflow.pytorch.log_model(
+            ReconstructionModule(vae).eval(),
+            name=name,
+            serialization_format="pt2",
+            input_example=example,
+            signature=image_signature(),
+            extra_files=[str(st_path), str(cfg_path)],
+            metadata=metadata,
+            pip_requirements=_pip_requirements(),
+        )
+
+
+@contextmanager
+def _downloaded(model_uri: str, dst_path: Path | None = None):
+    """The model folder on local disk (downloading is not deserializing)."""
+    if dst_path is not None:
+        Path(dst_path).mkdir(parents=True, exist_ok=True)
+        yield Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst_path)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
+
+
+def _inside(root: Path, relative: str) -> Path:
+    """root/relative, refusing paths that escape the model folder (metadata is untrusted)."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ModelLoadError(f"{relative!r}: path escapes the model folder")
+    return path
+
+
+def _locate_weights(root: Path, mlmodel: Model) -> tuple[Path, Path] | None:
+    """(weights, config) named by our metadata, else the usual extra-file names, else None."""
+    meta = mlmodel.metadata or {}
+    if META_WEIGHTS in meta and META_CONFIG in meta:
+        weights = _inside(root, str(meta[META_WEIGHTS]))
+        config = _inside(root, str(meta[META_CONFIG]))
+        if not weights.is_file() or not config.is_file():
+            raise ModelLoadError(f"{root}: the MLmodel metadata names files that are missing")
+        expected = meta.get(META_SHA256)
+        if expected and _sha256(weights) != expected:
+            raise ModelLoadError(f"{weights}: sha256 differs from the one recorded at logging")
+        return weights, config
+    extra = root / EXTRA_DIR
+    for weights_name in (SAFETENSORS_NAME, MODEL_WEIGHTS_NAME):
+        if (extra / weights_name).is_file() and (extra / MODEL_CONFIG_NAME).is_file():
+            return extra / weights_name, extra / MODEL_CONFIG_NAME
+    return None
+
+
+def _load_pickled(root: Path) -> tuple[VAE, dict[str, Any]]:
+    """Only on explicit request: the pickle flavour runs whatever code the file names."""
+    previous = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"
+    try:
+        model = mlflow.pytorch.load_model(str(root), weights_only=False)
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+        else:
+            os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
+    if not isinstance(model, VAE):
+        raise ModelLoadError(f"{root}: the pickled model is a {type(model).__name__}, not a VAE")
+    return model.cpu().eval(), model.config.to_dict()
+
+
+def load_vae_with_config(
+    model_uri: str, *, allow_pickle: bool = False, dst_path: Path | None = None
+) -> tuple[VAE, dict[str, Any]]:
+    """The full VAE (on CPU, eval mode) and its config dict (with data_variant when recorded).
+
+    Accepts any MLflow model URI: `models:/name@alias`, `models:/name/3`, `runs:/id/model`,
+    `models:/m-...` or a local folder.
+    """
+    try:
+        with _downloaded(model_uri, dst_path) as root:
+            mlmodel = Model.load(str(root))
+            found = _locate_weights(root, mlmodel)
+            if found is not None:
+                return _rebuild(*found)
+            flavor = mlmodel.flavors.get("pytorch", {})
+            data_dir = root / str(flavor.get("model_data", "data"))
+            if (data_dir / "model.pth").is_file():
+                if not allow_pickle:
+                    raise UnsafeModelError(
+                        f"{model_uri}: a pickle-flavoured PyTorch model; loading it can run "
+                        "arbitrary code. Pass allow_pickle=True only if you trust its source."
+                    )
+                return _load_pickled(root)
+            raise ModelLoadError(
+                f"{model_uri}: no VAE weights and config beside the model (expected "
+                f"{EXTRA_DIR}/{SAFETENSORS_NAME} and {EXTRA_DIR}/{MODEL_CONFIG_NAME}); a pt2 "
+                "program alone holds only `forward` and cannot rebuild the VAE"
+            )
+    except MlflowException as exc:
+        raise ModelLoadError(f"{model_uri}: {exc.message}") from exc
+
+
+def load_vae(model_uri: str, *, allow_pickle: bool = False, dst_path: Path | None = None) -> VAE:
+    """Rebuild the full VAE from an MLflow model URI without unpickling (see module doc)."""
+    return load_vae_with_config(model_uri, allow_pickle=allow_pickle, dst_path=dst_path)[0]
+
+
+def verify_logged_model(
+    model_uri: str, x: torch.Tensor | None = None, atol: float = 1e-5
+) -> dict[str, float]:
+    """Check the pt2 program (torch and pyfunc flavours) reconstructs like the rebuilt VAE.
+
+    Returns the largest absolute differences; raises ModelLoadError beyond `atol`. The pt2
+    program is pinned to CPU, so pyfunc is loaded with device=cpu even where CUDA exists.
+    """
+    vae = load_vae(model_uri)
+    if x is None:
+        x = torch.from_numpy(default_input_example())
+    x = x.detach().cpu().float()
+    with torch.no_grad():
+        expected = vae(x)
+        exported = mlflow.pytorch.load_model(model_uri)
+        torch_diff = float((exported(x) - expected).abs().max())
+    pyfunc = mlflow.pyfunc.load_model(model_uri, model_config={"device": "cpu"})
+    pyfunc_out = torch.from_numpy(np.asarray(pyfunc.predict(x.numpy()), dtype=np.float32))
+    pyfunc_diff = float((pyfunc_out - expected).abs().max())
+    diffs = {"pt2_max_abs_diff": torch_diff, "pyfunc_max_abs_diff": pyfunc_diff}
+    if not max(diffs.values()) <= atol:
+        raise ModelLoadError(f"{model_uri}: logged program disagrees with the VAE: {diffs}")
+    return diffs

@@ -1,0 +1,163 @@
+"""MLflow tracking: where runs go, what lineage they carry, and what gets logged.
+
+Tasks log through an explicit run id (MlflowClient), never through a run that must stay
+"active" across tasks, so the flow works whatever thread Prefect runs a task in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+DEFAULT_DB = "mlflow.db"
+ARTIFACT_ROOT = "mlruns"
+
+
+def tracking_uri(workdir: Path) -> str:
+    """MLFLOW_TRACKING_URI when set (a server, say), else SQLite in the workspace."""
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / DEFAULT_DB}"
+    )
+
+
+def configure(workdir: Path) -> MlflowClient:
+    uri = tracking_uri(workdir)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def experiment_name(dataset: str) -> str:
+    return f"vae-{dataset}"
+
+
+def ensure_experiment(client: MlflowClient, dataset: str, workdir: Path) -> str:
+    """One experiment per dataset; with a local backend its artifacts live under ./mlruns."""
+    name = experiment_name(dataset)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    local = client.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in client.tracking_uri
+    location = (Path(workdir).resolve() / ARTIFACT_ROOT).as_uri() if local else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_state(workdir: Path) -> dict[str, str]:
+    """The commit the code came from and whether the tree had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=workdir, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit, "git.dirty": str(bool(status)).lower()}
+
+
+def params_hash(params: dict) -> str:
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def prefect_context() -> dict[str, str]:
+    """The Prefect flow run (and deployment, when scheduled) that is doing the work."""
+    from prefect import runtime
+
+    tags = {
+        "prefect.flow_run_id": str(runtime.flow_run.id or ""),
+        "prefect.flow_run_name": str(runtime.flow_run.name or ""),
+    }
+    if runtime.deployment.id:
+        tags["prefect.deployment"] = str(runtime.deployment.name)
+    return tags
+
+
+def lineage_tags(params: dict, lineage: dict, workdir: Path, device: str) -> dict[str, str]:
+    import torch
+
+    return {
+        **git_state(workdir),
+        "dvc.raw_md5": lineage["raw_md5"],
+        "dvc.processed_md5": lineage["processed_md5"],
+        "params.hash": params_hash(params),
+        "data.dataset": params["data"]["dataset"],
+        "data.source": str(params["data"]["source"]),
+        "device": device,
+        "torch.version": torch.__version__,
+        "python.version": platform.python_version(),
+        **prefect_context(),
+    }
+
+
+def log_params(client: MlflowClient, run_id: str, flat_params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)[:6000]) for k, v in sorted(flat_params.items())]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
+
+
+class EpochLogger:
+    """Trainer callback: per-epoch metrics to MLflow with the epoch as the step."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def __call__(self, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
+        step = int(metrics["epoch"])
+        stamp = int(__import__("time").time() * 1000)
+        batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if k != "epoch"]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+def log_flat_metrics(client: MlflowClient, run_id: str, metrics: dict, prefix: str = "") -> None:
+    """Numbers become metrics; strings (labels of data variant and estimator) become tags."""
+    from mlflow.entities import Metric, RunTag
+
+    stamp = int(__import__("time").time() * 1000)
+    numbers, labels = [], []
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            labels.append(RunTag(f"{prefix}{key}", str(value)[:5000]))
+        else:
+            numbers.append(Metric(f"{prefix}{key}", float(value), stamp, 0))
+    client.log_batch(run_id, metrics=numbers, tags=labels)
+
+
+def loss_curve(history: list[dict]):
+    """A matplotlib figure of train and validation -ELBO per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_neg_elbo"] for h in history], marker="o", label="train -ELBO")
+    ax.plot(epochs, [h["val_neg_elbo"] for h in history], marker="o", label="validation -ELBO")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per image")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def log_dataset(run_id: str, lineage: dict, processed_dir: Path, dataset: str) -> None:
+    """The processed data as an MLflow dataset input whose digest is DVC's md5."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(str(Path(processed_dir).resolve()))
+    ds = MetaDataset(source, name=f"{dataset}-processed", digest=lineage["processed_md5"])
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_input(ds, context="training")

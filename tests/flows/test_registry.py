@@ -1,0 +1,371 @@
+"""The MLflow model and the registry against a real MLflow backend (SQLite + local artifacts).
+
+Three tiny VAEs (hidden [16], latent 2) whose decoders predict a constant pixel probability
+differ clearly in NLL on sparse binary images: good (p = 0.1, the data's rate) < bad (p = 0.5)
+< terrible (p = 0.95). They are logged once per module; each test registers them under its own
+model name, so tests do not see each other's aliases.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.models import Model
+from mlflow.tracking import MlflowClient
+
+from flows.model_io import (
+    SAFETENSORS_NAME,
+    ModelLoadError,
+    UnsafeModelError,
+    load_vae,
+    load_vae_with_config,
+    log_vae,
+    verify_logged_model,
+)
+from flows.registry import (
+    ALIAS_CHALLENGER,
+    ALIAS_CHAMPION,
+    ALIAS_PREVIOUS,
+    RegistryError,
+    apply_gate,
+    compare_on_same_data,
+    evaluate_gate,
+    promote_version,
+    register_version,
+    registered_model_name,
+    rollback,
+)
+from vae_core.models import build_vae
+from vae_core.training import save_model
+
+PIXEL_RATES = {"good": 0.1, "bad": 0.5, "terrible": 0.95}
+GATE = {"margin_nats": 1.0, "bootstrap_samples": 500, "confidence": 0.95, "seed": 0}
+
+
+def _tiny_vae(pixel_rate: float) -> torch.nn.Module:
+    """A tiny VAE whose decoder outputs (almost) the constant probability `pixel_rate`."""
+    torch.manual_seed(0)
+    model = build_vae({"hidden_sizes": [16], "latent_dim": 2})
+    last = model.decoder.net[-1]
+    with torch.no_grad():
+        last.weight.mul_(0.01)
+        last.bias.fill_(math.log(pixel_rate / (1 - pixel_rate)))
+    return model.eval()
+
+
+class _Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+class _PayloadModule(torch.nn.Module):
+    """An nn.Module (so MLflow's pickle flavour accepts it) that pickles as _Payload."""
+
+    def __init__(self, marker: Path):
+        super().__init__()
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return _Payload(Path(self.marker)).__reduce__()
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory):
+    """A real tracking backend in a temp folder; restores the global URI afterwards."""
+    root = tmp_path_factory.mktemp("mlflow")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    client = MlflowClient()
+    experiment_id = client.create_experiment("registry-tests", artifact_location=root.as_uri())
+    yield {"root": root, "client": client, "experiment_id": experiment_id}
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def logged(backend) -> dict:
+    """Each tiny VAE saved with save_model, logged by log_vae in its own run."""
+    out = {}
+    for label, rate in PIXEL_RATES.items():
+        model = _tiny_vae(rate)
+        model_dir = backend["root"] / "saved" / label
+        save_model(model, model.config.to_dict() | {"data_variant": "binarized"}, model_dir)
+        with mlflow.start_run(experiment_id=backend["experiment_id"], run_name=label) as run:
+            info = log_vae(model_dir)
+        out[label] = {"model": model, "run_id": run.info.run_id, "info": info, "dir": model_dir}
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_x() -> torch.Tensor:
+    """Sparse binary images (about 10% ones): the frozen test set of the comparisons."""
+    gen = torch.Generator().manual_seed(1)
+    return (torch.rand(48, 1, 28, 28, generator=gen) < 0.1).float()
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    return registered_model_name(request.node.name.replace("[", "-").replace("]", ""))
+
+
+def _register(logged: dict, label: str, name: str, **tags: str) -> str:
+    mv = register_version(
+        logged[label]["run_id"], name, "model", {"label": label, **tags}, f"{label} model"
+    )
+    return str(mv.version)
+
+
+def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+
+
+def _tags(client: MlflowClient, name: str, version: str) -> dict[str, str]:
+    return client.get_model_version(name, version).tags
+
+
+def _gate(logged, client, name, version, champion_version, test_x, floor=1e6, mode="enabled"):
+    """The flow's sequence: compare on the same data, decide, apply."""
+    challenger_uri = f"models:/{name}/{version}"
+    if champion_version is None:
+        challenger = load_vae(challenger_uri)
+        from vae_core.evaluation.likelihood import iwae_log_likelihood
+
+        decision = evaluate_gate(
+            -iwae_log_likelihood(challenger, test_x, 4, seed=0), None, floor_nll=floor, **GATE
+        )
+    else:
+        ch, champ = compare_on_same_data(
+            challenger_uri, f"models:/{name}@{ALIAS_CHAMPION}", test_x, k=4, seed=0
+        )
+        decision = evaluate_gate(ch, champ, floor_nll=floor, **GATE)
+    apply_gate(client, name, version, decision, mode)
+    return decision
+
+
+def test_logged_model_layout_and_both_reloads(backend, logged):
+    entry = logged["good"]
+    info = entry["info"]
+    root = Path(
+        mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(backend["root"] / "dl"))
+    )
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert {
+        "data/model.pt2",
+        f"extra_files/{SAFETENSORS_NAME}",
+        "extra_files/model_config.json",
+        "input_example.json",
+        "MLmodel",
+    } <= files
+    assert not any(f.endswith((".pth", ".pkl")) for f in files)
+    mlmodel = Model.load(str(root))
+    assert mlmodel.metadata["vae_weights"] == f"extra_files/{SAFETENSORS_NAME}"
+    assert tuple(mlmodel.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
+    assert "python_function" in mlmodel.flavors
+    example = json.loads((root / "input_example.json").read_text())
+    assert np.asarray(example).shape[0] >= 2
+
+    rebuilt, config = load_vae_with_config(f"runs:/{entry['run_id']}/model")
+    assert config["data_variant"] == "binarized"
+    original = entry["model"].state_dict()
+    assert rebuilt.state_dict().keys() == original.keys()
+    for key, value in rebuilt.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    diffs = verify_logged_model(info.model_uri)  # pt2 via mlflow.pytorch and via pyfunc
+    assert max(diffs.values()) <= 1e-5
+    assert torch.equal(
+        rebuilt.sample(3, torch.Generator().manual_seed(0)),
+        entry["model"].sample(3, torch.Generator().manual_seed(0)),
+    )
+
+
+def test_register_two_versions(backend, logged, name):
+    client = backend["client"]
+    v1 = _register(logged, "good", name, **{"dvc.processed_md5": "abc"})
+    v2 = _register(logged, "bad", name)
+    assert (v1, v2) == ("1", "2")
+    assert _aliases(client, name) == {ALIAS_CHALLENGER: "2"}
+    mv1 = client.get_model_version(name, v1)
+    assert mv1.tags["dvc.processed_md5"] == "abc" and mv1.description == "good model"
+    assert mv1.run_id == logged["good"]["run_id"]
+    by_alias = load_vae(f"models:/{name}@{ALIAS_CHALLENGER}")
+    by_version = load_vae(f"models:/{name}/1")
+    assert torch.equal(by_alias.decoder.net[-1].bias, logged["bad"]["model"].decoder.net[-1].bias)
+    assert torch.equal(
+        by_version.decoder.net[-1].bias, logged["good"]["model"].decoder.net[-1].bias
+    )
+    with pytest.raises(ModelLoadError):
+        load_vae(f"models:/{name}/9")
+
+
+def test_first_version_champion_only_when_meeting_the_floor(backend, logged, name, test_x):
+    client = backend["client"]
+    v1 = _register(logged, "bad", name)
+    refused = _gate(logged, client, name, v1, None, test_x, floor=100.0)
+    assert not refused.promote
+    assert ALIAS_CHAMPION not in _aliases(client, name)
+    tags = _tags(client, name, v1)
+    assert tags["gate.decision"] == "reject" and "> floor 100.0" in tags["gate.reason"]
+    assert "not promoted" in client.get_model_version(name, v1).description
+
+    v2 = _register(logged, "good", name)
+    accepted = _gate(logged, client, name, v2, None, test_x, floor=400.0)
+    assert accepted.promote
+    assert _aliases(client, name)[ALIAS_CHAMPION] == v2
+    assert ALIAS_PREVIOUS not in _aliases(client, name)
+    assert _tags(client, name, v2)["gate.decision"] == "promote"
+
+
+def test_worse_challenger_kept_out_better_one_promoted(backend, logged, name, test_x):
+    client = backend["client"]
+    v1 = _register(logged, "bad", name)
+    assert _gate(logged, client, name, v1, None, test_x).promote
+
+    v2 = _register(logged, "terrible", name)
+    worse = _gate(logged, client, name, v2, v1, test_x)
+    assert not worse.promote
+    assert worse.figures["mean_improvement"] < 0
+    assert _aliases(client, name)[ALIAS_CHAMPION] == v1
+    tags = _tags(client, name, v2)
+    assert tags["gate.decision"] == "reject" and tags["gate.applied"] == "false"
+    assert "not significant" in tags["gate.reason"]
+    assert float(tags["gate.champion_mean_nll"]) < float(tags["gate.challenger_mean_nll"])
+    assert tags["gate.reason"] in client.get_model_version(name, v2).description
+
+    v3 = _register(logged, "good", name)
+    better = _gate(logged, client, name, v3, v1, test_x)
+    assert better.promote and better.figures["ci_low"] > GATE["margin_nats"]
+    aliases = _aliases(client, name)
+    assert aliases[ALIAS_CHAMPION] == v3 and aliases[ALIAS_PREVIOUS] == v1
+    assert aliases[ALIAS_CHALLENGER] == v3
+    assert _tags(client, name, v3)["gate.previous_champion"] == v1
+
+
+def test_dry_run_and_disabled_record_but_move_nothing(backend, logged, name, test_x):
+    client = backend["client"]
+    v1 = _register(logged, "bad", name)
+    _gate(logged, client, name, v1, None, test_x)
+    v2 = _register(logged, "good", name)
+    decision = _gate(logged, client, name, v2, v1, test_x, mode="dry-run")
+    assert decision.promote
+    assert _aliases(client, name)[ALIAS_CHAMPION] == v1
+    tags = _tags(client, name, v2)
+    assert (tags["gate.mode"], tags["gate.decision"], tags["gate.applied"]) == (
+        "dry-run",
+        "promote",
+        "false",
+    )
+    assert "would promote" in client.get_model_version(name, v2).description
+
+    v3 = _register(logged, "good", name)
+    assert not apply_gate(client, name, v3, None, "disabled")
+    assert _aliases(client, name)[ALIAS_CHAMPION] == v1
+    tags = _tags(client, name, v3)
+    assert (tags["gate.mode"], tags["gate.decision"]) == ("disabled", "not-evaluated")
+    assert not any(k.startswith("gate.ci") for k in tags)
+    with pytest.raises(ValueError, match="promote.mode"):
+        apply_gate(client, name, v3, decision, "sometimes")
+
+
+def test_manual_promote_and_rollback(backend, logged, name):
+    client = backend["client"]
+    v1 = _register(logged, "good", name)
+    v2 = _register(logged, "bad", name)
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        rollback(name, "no champion history yet", "tester")
+    with pytest.raises(RegistryError, match="no version '7'"):
+        promote_version(name, "7", "typo", "tester")
+    with pytest.raises(ValueError, match="reason"):
+        promote_version(name, v1, "  ", "tester")
+
+    promote_version(name, v1, "first release", "alice")
+    change = promote_version(name, v2, "try the new one", "bob")
+    assert (change.champion, change.previous_champion) == (v2, v1)
+    assert _aliases(client, name).items() >= {ALIAS_CHAMPION: v2, ALIAS_PREVIOUS: v1}.items()
+    tags = _tags(client, name, v2)
+    assert (tags["manual.action"], tags["manual.reason"], tags["manual.actor"]) == (
+        "promote",
+        "try the new one",
+        "bob",
+    )
+    assert tags["manual.previous_champion"] == v1 and tags["manual.at"]
+    assert _tags(client, name, v1)["manual.action"] == "demoted"
+
+    back = rollback(name, "v2 draws blank digits", "carol")
+    assert (back.champion, back.previous_champion) == (v1, v2)
+    aliases = _aliases(client, name)
+    assert (aliases[ALIAS_CHAMPION], aliases[ALIAS_PREVIOUS]) == (v1, v2)
+    t1, t2 = _tags(client, name, v1), _tags(client, name, v2)
+    assert (t1["manual.action"], t1["manual.reason"], t1["manual.actor"]) == (
+        "rollback-to",
+        "v2 draws blank digits",
+        "carol",
+    )
+    assert (t2["manual.action"], t2["manual.replaced_by"]) == ("rolled-back", v1)
+    assert "v2 draws blank digits" in client.get_model_version(name, v2).description
+
+
+def test_gate_rules_on_paired_figures():
+    rng = np.random.default_rng(0)
+    champion = 100 + rng.normal(0, 5, 400)
+    kw = {"floor_nll": 150.0, **GATE}
+    clearly_better = evaluate_gate(champion - 3 + rng.normal(0, 0.5, 400), champion, **kw)
+    assert clearly_better.promote and clearly_better.figures["n"] == 400
+    below_margin = evaluate_gate(champion - 0.5, champion, **kw)
+    assert not below_margin.promote and "<= margin" in below_margin.reason
+    noise = evaluate_gate(champion + rng.normal(0, 5, 400), champion, **kw)
+    assert not noise.promote and "not significant" in noise.reason
+    above_floor = evaluate_gate(champion + 60 - 5, champion + 60, **kw)
+    assert not above_floor.promote and "floor" in above_floor.reason
+    broken = evaluate_gate(np.array([1.0, np.nan]), None, **kw)
+    assert not broken.promote and "non-finite" in broken.reason
+    with pytest.raises(ValueError, match="paired"):
+        evaluate_gate(champion[:10], champion, **kw)
+
+
+def test_pickle_payloads_are_refused(backend, logged, tmp_path):
+    marker = tmp_path / "marker.txt"
+    config = logged["good"]["dir"] / "model_config.json"
+    evil_pt = tmp_path / "evil" / "model.pt"
+    evil_pt.parent.mkdir()
+    torch.save({"weight": _Payload(marker)}, evil_pt)
+    (evil_pt.parent / "model_config.json").write_bytes(config.read_bytes())
+
+    # 1. log_vae reads a saved model folder with weights_only=True.
+    with mlflow.start_run(experiment_id=backend["experiment_id"]), pytest.raises(UnsafeModelError):
+        log_vae(evil_pt.parent)
+    # 2. An MLflow model whose weights file beside it is a pickle payload.
+    # 3. A pickle-flavoured MLflow model (model.pth) is refused without allow_pickle=True.
+    with mlflow.start_run(experiment_id=backend["experiment_id"]) as run:
+        mlflow.pytorch.log_model(
+            torch.nn.Linear(2, 2),
+            name="weights",
+            serialization_format="pickle",
+            extra_files=[str(evil_pt), str(evil_pt.parent / "model_config.json")],
+            pip_requirements=["torch"],
+        )
+        mlflow.pytorch.log_model(
+            _PayloadModule(marker),
+            name="pickled",
+            serialization_format="pickle",
+            pip_requirements=["torch"],
+        )
+    with pytest.raises(UnsafeModelError, match="weights-only"):
+        load_vae(f"runs:/{run.info.run_id}/weights")
+    with pytest.raises(UnsafeModelError, match="allow_pickle"):
+        load_vae(f"runs:/{run.info.run_id}/pickled")
+    assert not marker.exists()
+
+    # Control: the payload is live; with explicit consent the pickled model runs its code.
+    with pytest.raises(Exception):  # noqa: B017 - exec returns None, which is not a model
+        load_vae(f"runs:/{run.info.run_id}/pickled", allow_pickle=True)
+    assert marker.read_text() == "pwned"

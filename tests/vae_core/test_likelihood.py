@@ -1,0 +1,172 @@
+"""The likelihood estimators: a known-answer test on a linear-Gaussian model, IWAE >= ELBO on a
+VAE, invariance of the per-example estimate to batching and subsets, and active units."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vae_core.evaluation.likelihood import (
+    active_units,
+    bits_per_dim,
+    elbo_summary,
+    iwae_log_likelihood,
+    iwae_nll,
+    select_subset,
+)
+from vae_core.models.vae import VAE, VAEConfig
+from vae_core.objectives import iwae_bound
+
+
+class LinearGaussian(nn.Module):
+    """z ~ N(0, I_d), x | z ~ N(W z + b, s^2 I_D): log p(x) = log N(x | b, W W^T + s^2 I) exactly.
+
+    The encoder is a diagonal Gaussian q(z|x) with the exact posterior mean and the posterior's
+    marginal variances times `inflate`: exact when W^T W is diagonal and inflate is 1, an
+    approximation otherwise. It duck-types the VAE interface the evaluation code uses.
+    """
+
+    def __init__(self, W: torch.Tensor, b: torch.Tensor, sigma: float, inflate: float = 1.0):
+        super().__init__()
+        W = W.double()
+        self.W = nn.Parameter(W, requires_grad=False)
+        self.b = nn.Parameter(b.double(), requires_grad=False)
+        self.sigma = sigma
+        d = W.shape[1]
+        post_cov = torch.linalg.inv(torch.eye(d, dtype=torch.float64) + W.T @ W / sigma**2)
+        self.register_buffer("gain", post_cov @ W.T / sigma**2)  # mean = gain (x - b)
+        self.register_buffer("logvar", torch.log(post_cov.diagonal() * inflate))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.double()
+        mu = (x - self.b) @ self.gain.T
+        return mu, self.logvar.expand_as(mu)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z.double() @ self.W.T + self.b
+
+    def log_likelihood(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        d = x.shape[1]
+        return (-0.5 * ((x.double() - mean) / self.sigma).pow(2).sum(1)
+                - d * math.log(self.sigma) - 0.5 * d * math.log(2 * math.pi))
+
+    def exact_log_px(self, x: torch.Tensor) -> torch.Tensor:
+        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(len(self.b), dtype=torch.float64)
+        return torch.distributions.MultivariateNormal(self.b, cov).log_prob(x.double())
+
+
+def _data(model: LinearGaussian, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, model.W.shape[1], generator=gen, dtype=torch.float64)
+    noise = torch.randn(n, len(model.b), generator=gen, dtype=torch.float64)
+    return z @ model.W.T + model.b + model.sigma * noise
+
+
+def test_iwae_is_exact_when_q_is_the_true_posterior():
+    # Orthogonal columns make the posterior covariance diagonal: every weight equals p(x).
+    q, _ = torch.linalg.qr(torch.randn(6, 3, generator=torch.Generator().manual_seed(0)))
+    model = LinearGaussian(q * torch.tensor([2.0, 1.0, 0.5]), torch.linspace(-1, 1, 6), 0.7)
+    x = _data(model, 50, seed=1)
+    exact = model.exact_log_px(x).numpy()
+    for k in (1, 7):
+        np.testing.assert_allclose(iwae_log_likelihood(model, x, k, seed=3), exact, atol=1e-6)
+
+
+def test_iwae_converges_to_exact_log_likelihood_from_below():
+    # Strongly correlated latents: the diagonal q (variance doubled) misses the posterior.
+    gen = torch.Generator().manual_seed(2)
+    W = torch.randn(5, 2, generator=gen)
+    W[:, 1] = W[:, 0] + 0.3 * torch.randn(5, generator=gen)
+    model = LinearGaussian(W, torch.randn(5, generator=gen), 0.5, inflate=2.0)
+    x = _data(model, 1000, seed=4)
+    exact = float(model.exact_log_px(x).mean())
+    gaps = [exact - float(iwae_log_likelihood(model, x, k, seed=5).mean())
+            for k in (1, 10, 100, 1000)]
+    assert gaps[0] > 0.5, f"q should be a visibly imperfect posterior, gaps {gaps}"
+    assert all(a > b for a, b in zip(gaps, gaps[1:], strict=False)), f"not tightening: {gaps}"
+    # Below the exact value up to Monte Carlo noise (about 0.001 nats at k=1000 here).
+    assert all(g > -0.003 for g in gaps), f"IWAE above the exact log p(x): {gaps}"
+    assert gaps[-1] < 0.005, f"k=1000 still {gaps[-1]:.4f} nats from exact"
+
+
+def _vae(seed: int = 0) -> VAE:
+    torch.manual_seed(seed)
+    return VAE(VAEConfig(hidden_sizes=[64], latent_dim=4)).eval()
+
+
+def _binary_images(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.rand(1, 1, 28, 28, generator=gen).expand(n, 1, 28, 28)
+    return torch.bernoulli(probs, generator=gen)
+
+
+def test_iwae_is_at_least_the_elbo_on_a_vae():
+    model, x = _vae(), _binary_images(200, seed=0)
+    elbo = elbo_summary(model, x, seed=0)
+    log_px_1 = iwae_log_likelihood(model, x, 1, seed=0)
+    log_px_50 = iwae_log_likelihood(model, x, 50, seed=0)
+    # k=1 is a one-sample ELBO: same expectation as elbo_summary (noise of 200 examples).
+    assert abs(-log_px_1.mean() - elbo.neg_elbo) < 2.0
+    assert log_px_50.mean() > -elbo.neg_elbo + 0.5
+    # Per example the k=50 bound is higher on average, by many standard errors.
+    diff = log_px_50 - log_px_1
+    assert diff.mean() > 5 * diff.std(ddof=1) / math.sqrt(len(diff))
+    # Agrees with the library's own IWAE bound in distribution.
+    reference = iwae_bound(model, x, 50, generator=torch.Generator().manual_seed(9)).numpy()
+    assert abs(reference.mean() - log_px_50.mean()) < 1.0
+
+
+def test_estimate_does_not_depend_on_batching_chunking_or_subset():
+    model, x = _vae(), _binary_images(30, seed=1)
+    whole = iwae_log_likelihood(model, x, 40, seed=7)
+    chunked = iwae_log_likelihood(model, x, 40, seed=7, batch_size=4, max_rows=24)
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-4)
+    result = iwae_nll(model, x, 40, test_size=10, seed=7)
+    np.testing.assert_allclose(result.nll, -whole[result.indices], rtol=0, atol=1e-4)
+    again = iwae_nll(model, x, 40, test_size=10, seed=7)
+    np.testing.assert_array_equal(again.nll, result.nll)
+    assert result.nll.dtype == np.float64 and result.indices.dtype == np.int64
+    other_seed = iwae_log_likelihood(model, x, 40, seed=8)
+    assert np.abs(other_seed - whole).max() > 1e-3
+
+
+def test_select_subset_is_seeded_sorted_and_zero_means_all():
+    a = select_subset(1000, 100, seed=3)
+    np.testing.assert_array_equal(a, select_subset(1000, 100, seed=3))
+    assert len(np.unique(a)) == 100 and np.all(np.diff(a) > 0)
+    assert not np.array_equal(a, select_subset(1000, 100, seed=4))
+    np.testing.assert_array_equal(select_subset(50, 0, seed=3), np.arange(50))
+    np.testing.assert_array_equal(select_subset(50, 80, seed=3), np.arange(50))
+    with pytest.raises(ValueError, match="iwae_test_size"):
+        select_subset(50, -1, seed=0)
+    with pytest.raises(ValueError, match="iwae_k"):
+        iwae_log_likelihood(_vae(), _binary_images(2, 0), 0)
+
+
+class ControlledEncoder(nn.Module):
+    """mu_u = scale_u * x_u: unit u's posterior mean varies over x with variance scale_u^2."""
+
+    def __init__(self, scales: list[float]):
+        super().__init__()
+        self.scales = nn.Parameter(torch.tensor(scales), requires_grad=False)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu = x[:, : len(self.scales)] * self.scales
+        return mu, torch.zeros_like(mu)
+
+
+def test_active_units_counts_units_whose_mean_moves_with_x():
+    x = torch.randn(5000, 8, generator=torch.Generator().manual_seed(0))
+    # Variances 1, 0.25, 0.0225 (active) and 0.0025, 0 (collapsed).
+    count, variances = active_units(ControlledEncoder([1.0, 0.5, 0.15, 0.05, 0.0]), x)
+    assert count == 3
+    np.testing.assert_allclose(variances, [1.0, 0.25, 0.0225, 0.0025, 0.0], rtol=0.08, atol=1e-9)
+
+
+def test_bits_per_dim_converts_nats_per_image():
+    assert bits_per_dim(784 * math.log(2.0)) == pytest.approx(1.0)
+    assert elbo_summary(_vae(), _binary_images(10, 0)).bits_per_dim > 0
