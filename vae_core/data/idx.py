@@ -113,7 +113,26 @@ def read_idx(path: str | os.PathLike[str], *, max_bytes: int = MAX_IDX_BYTES) ->
                 stream.close()
 
 
-def _parse(stream: BinaryIO, path: Path, compressed: bool, max_bytes: int) -> np.ndarray:
+def read_idx_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
+    """The shape an IDX file's header declares, reading only the header (a few bytes).
+
+    Raises ``IdxFormatError`` like ``read_idx`` for a missing file, a wrong magic number, an
+    unknown dtype code or a bad number of dimensions; the payload is not read or checked.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IdxFormatError(f"{path}: expected an IDX file, found nothing (missing or not a file)")
+    compressed = is_gzip(path)
+    with open(path, "rb") as raw:
+        stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw  # type: ignore[assignment]
+        try:
+            return _parse_header(stream, path, compressed)[1]
+        finally:
+            if compressed:
+                stream.close()
+
+
+def _parse_header(stream: BinaryIO, path: Path, compressed: bool) -> tuple[int, tuple[int, ...]]:
     magic = _read_exact(stream, 4, path, "magic number", compressed)
     if magic[0] != 0 or magic[1] != 0:
         raise IdxFormatError(
@@ -132,6 +151,12 @@ def _parse(stream: BinaryIO, path: Path, compressed: bool, max_bytes: int) -> np
         )
     header = _read_exact(stream, 4 * ndim, path, "dimension header", compressed)
     shape = tuple(int.from_bytes(header[4 * i : 4 * i + 4], "big") for i in range(ndim))
+    return code, shape
+
+
+def _parse(stream: BinaryIO, path: Path, compressed: bool, max_bytes: int) -> np.ndarray:
+    code, shape = _parse_header(stream, path, compressed)
+    ndim = len(shape)
     dtype = IDX_DTYPES[code]
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > max_bytes:

@@ -39,6 +39,7 @@ from vae_core.data.idx import (
     default_mode,
     is_gzip,
     read_idx,
+    read_idx_shape,
     validate_pair,
     write_idx,
 )
@@ -324,7 +325,12 @@ def locate_raw_files(folder: str | os.PathLike[str]) -> dict[str, Path]:
         if path is None:
             missing.append(name)
             continue
-        target = path.resolve()
+        try:
+            target = path.resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop: resolve() gives up
+            raise SourceError(
+                f"{path}: expected a regular file, found a symlink that cannot be resolved ({exc})"
+            ) from exc
         if not target.is_relative_to(root):
             raise SourceError(
                 f"{path}: refusing a symlink that resolves outside the source folder: expected "
@@ -340,6 +346,28 @@ def locate_raw_files(folder: str | os.PathLike[str]) -> dict[str, Path]:
             f"names): expected all four IDX files, found: {shown}"
         )
     return found
+
+
+def train_count_hint(source: str, dataset: str) -> int | None:
+    """How many training images ``source`` will yield, when that is known without fetching.
+
+    Fixed for the named sources (the embedded subset, the official release for ``download``);
+    for a folder, read from the training labels file's IDX header (a few bytes, nothing
+    decompressed beyond it). None when it cannot be told cheaply (a missing or unreadable
+    folder, a source registered elsewhere): the prepare stage checks the real count anyway.
+    Lets a too-large ``data.val_size`` be refused before any work starts.
+    """
+    if source == "embedded":
+        return EMBEDDED_TRAIN_PER_CLASS * NUM_CLASSES
+    if source == "download" and dataset in DATASETS:
+        return OFFICIAL_COUNTS["train"]
+    if source in SOURCES:
+        return None
+    try:
+        shape = read_idx_shape(locate_raw_files(source)["train_labels"])
+    except (DataError, OSError, RuntimeError, EOFError):
+        return None
+    return int(shape[0]) if len(shape) == 1 else None
 
 
 def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
