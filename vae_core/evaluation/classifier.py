@@ -228,7 +228,10 @@ def save_classifier(model: MnistClassifier, out_dir: Path, metrics: dict) -> Pat
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save(state, out_dir / WEIGHTS_NAME)
     config = asdict(model.config) | {"channels": list(model.config.channels)}
-    payload = {"format_version": FORMAT_VERSION, "config": config, "metrics": metrics}
+    # Wall-clock figures stay out of the file: it is a DVC output, and the same training must
+    # give the same bytes (and md5) on every run.
+    stable = {k: v for k, v in metrics.items() if not k.endswith("_seconds")}
+    payload = {"format_version": FORMAT_VERSION, "config": config, "metrics": stable}
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
     return out_dir / WEIGHTS_NAME
 
