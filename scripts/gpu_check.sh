@@ -22,7 +22,7 @@ if [ -n "$mnist_dir" ]; then
   echo "== vae-pipeline bench --device cuda (full MNIST from $mnist_dir)"
   $py -m flows.cli bench --mnist-dir "$mnist_dir" --device cuda
   echo "== IWAE evaluation timing"
-  $py scripts/bench_eval.py --device cuda
+  $py scripts/bench_eval.py --mnist-dir "$mnist_dir" --train-epochs 10 --device cuda
 else
   echo "no MNIST folder given: benchmark skipped (pass MNIST_DIR)" >&2
 fi
