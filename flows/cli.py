@@ -201,6 +201,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     when.add_argument("--interval", type=float, default=None, help="seconds between runs")
     p.add_argument("--name", default="nightly", help="deployment name")
     p.add_argument(
+        "--limit", type=int, default=1, help="flow runs at a time (they share one workspace)"
+    )
+    p.add_argument(
         "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE"
     )
     p.add_argument("--workdir", default=".")
@@ -223,6 +226,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     training_pipeline.serve(
         name=args.name,
         parameters={"overrides": args.overrides, "workdir": str(Path(args.workdir).resolve())},
+        limit=args.limit,
         **schedule,
     )
     return 0
@@ -248,12 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix (bad input, unreachable services): one line each."""
+    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, RuntimeError]
+    if "mlflow" in sys.modules:  # only when a subcommand loaded it: `train` stays light
+        from mlflow.exceptions import MlflowException
+
+        errors.append(MlflowException)
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # Bad input is the user's to fix: one clear line, no traceback.
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

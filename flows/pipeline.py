@@ -9,7 +9,6 @@ dvc.lock, data/ and the registry are only ever changed by one run at a time.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from prefect.tasks import exponential_backoff
 from flows import dvc_runner, tracking
 from flows.lineage import data_lineage
 from flows.params import flatten, load_params, write_params
+from vae_core.data.idx import atomic_write_bytes
 
 LOCK_NAME = ".vae-pipeline.lock"
 
@@ -138,7 +138,7 @@ def register(workdir: str, params: dict, run_id: str, model_dir: str, tags: dict
 
     tracking.configure(Path(workdir))
     with mlflow.start_run(run_id=run_id):
-        log_vae(Path(model_dir), name="model")
+        info = log_vae(Path(model_dir), name="model")
     name = registered_model_name(params["data"]["dataset"])
     version = register_version(
         run_id,
@@ -146,6 +146,7 @@ def register(workdir: str, params: dict, run_id: str, model_dir: str, tags: dict
         "model",
         tags,
         description=f"Trained by MLflow run {run_id}; data md5 {tags.get('dvc.processed_md5')}.",
+        model_uri=info.model_uri,
     )
     return {"name": name, "version": str(version.version)}
 
@@ -179,70 +180,80 @@ def _summary(params: dict, run_id: str, train: dict, ev: dict, reg: dict, gate: 
     return f"# VAE training pipeline\n\n| what | value |\n| --- | --- |\n{table}\n"
 
 
+def _train_evaluate_register(
+    root: Path, params: dict, overrides: list[str], client, lineage: dict
+) -> dict[str, Any]:
+    """One MLflow run: train, evaluate, register, promote. On any failure the run is marked
+    FAILED with the reason, and a version it registered is deleted again: a failed run never
+    leaves a half-registered model behind."""
+    from vae_core.training import pick_device
+
+    dataset = params["data"]["dataset"]
+    experiment_id = tracking.ensure_experiment(client, dataset, root)
+    device = str(pick_device(params["train"]["device"]))
+    tags = tracking.lineage_tags(params, lineage, root, device)
+    run = client.create_run(experiment_id, tags=tags, run_name=tags["prefect.flow_run_name"])
+    run_id = run.info.run_id
+    run_dir = root / "runs" / run_id
+    try:
+        tracking.log_params(client, run_id, flatten(params) | {"overrides": " ".join(overrides)})
+        tracking.log_dataset(run_id, lineage, processed_path(root, dataset), dataset)
+        train = train_model(str(root), params, run_id, str(run_dir))
+        ev = evaluate(str(root), params, run_id, train["model_dir"], str(run_dir))
+        headline = {
+            f"metric.{k}": f"{v:.4f}"
+            for k, v in ev["metrics"].items()
+            if k in ("test_neg_elbo", "test_nll_iwae") and isinstance(v, float)
+        }
+        run_tags = tags | headline | {"mlflow.run_id": run_id}
+        reg = register(str(root), params, run_id, train["model_dir"], run_tags)
+        gate = promote(str(root), params, reg["name"], reg["version"])
+    except BaseException as exc:
+        tracking.mark_failed(client, run_id, exc)
+        raise
+    client.set_tag(run_id, "gate.decision", gate.get("decision", ""))
+    client.set_terminated(run_id, "FINISHED")
+    return {"run_id": run_id, "train": train, "ev": ev, "reg": reg, "gate": gate}
+
+
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(overrides: list[str] | None = None, workdir: str = ".") -> dict[str, Any]:
     """Fetch, prepare, train, evaluate, register and promote one VAE."""
     logger = get_run_logger()
     root = Path(workdir).resolve()
     overrides = list(overrides or [])
-    load_params(root / "params.yaml", overrides)  # refuse bad values before any work starts
+    params_file = root / "params.yaml"
+    load_params(params_file, overrides)  # refuse bad values before any work starts
+    client = tracking.configure(root)
+    tracking.ensure_reachable(client)  # an unreachable backend fails here, not after training
     with FileLock(str(root / LOCK_NAME)):
-        # Like `dvc exp run -S`: overrides go into params.yaml, so the DVC stages see them.
-        params = (
-            write_params(root / "params.yaml", overrides)
-            if overrides
-            else load_params(root / "params.yaml")
-        )
-        fetch_data(str(root))
-        lineage = prepare_data(str(root), params["data"]["dataset"])
-
-        client = tracking.configure(root)
-        experiment_id = tracking.ensure_experiment(client, params["data"]["dataset"], root)
-        from vae_core.training import pick_device
-
-        device = str(pick_device(params["train"]["device"]))
-        tags = tracking.lineage_tags(params, lineage, root, device)
-        run = client.create_run(experiment_id, tags=tags, run_name=tags["prefect.flow_run_name"])
-        run_id = run.info.run_id
-        run_dir = root / "runs" / run_id
+        # Like `dvc exp run -S`: overrides go into params.yaml, so the DVC stages see them. A
+        # failed run puts params.yaml and dvc.lock back, so the next (nightly) run does not
+        # silently inherit its overrides.
+        saved = {
+            path: path.read_bytes() for path in (params_file, root / "dvc.lock") if path.is_file()
+        }
         try:
-            tracking.log_params(
-                client, run_id, flatten(params) | {"overrides": " ".join(overrides)}
-            )
-            tracking.log_dataset(
-                run_id,
-                lineage,
-                processed_path(root, params["data"]["dataset"]),
-                params["data"]["dataset"],
-            )
-            train = train_model(str(root), params, run_id, str(run_dir))
-            ev = evaluate(str(root), params, run_id, train["model_dir"], str(run_dir))
-            headline = {
-                f"metric.{k}": f"{v:.4f}"
-                for k, v in ev["metrics"].items()
-                if k in ("test_neg_elbo", "test_nll_iwae") and isinstance(v, float)
-            }
-            reg = register(
-                str(root),
-                params,
-                run_id,
-                train["model_dir"],
-                tags | headline | {"mlflow.run_id": run_id},
-            )
-            gate = promote(str(root), params, reg["name"], reg["version"])
-        except BaseException as exc:
-            client.set_tag(run_id, "failure.reason", f"{type(exc).__name__}: {exc}"[:5000])
-            client.set_terminated(run_id, "FAILED", end_time=int(time.time() * 1000))
+            params = write_params(params_file, overrides) if overrides else load_params(params_file)
+            fetch_data(str(root))
+            lineage = prepare_data(str(root), params["data"]["dataset"])
+            out = _train_evaluate_register(root, params, overrides, client, lineage)
+        except BaseException:
+            for path, content in saved.items():
+                atomic_write_bytes(path, content)
             raise
-        client.set_tag(run_id, "gate.decision", gate.get("decision", ""))
-        client.set_terminated(run_id, "FINISHED")
-    summary = _summary(params, run_id, train, ev, reg, gate)
+    summary = _summary(params, out["run_id"], out["train"], out["ev"], out["reg"], out["gate"])
     create_markdown_artifact(
         summary,
         key="training-pipeline-summary",
         description="metrics, promotion decision, MLflow run and version",
     )
+    reg, gate = out["reg"], out["gate"]
     logger.info(
-        "run %s registered %s v%s: %s", run_id, reg["name"], reg["version"], gate.get("decision")
+        "run %s registered %s v%s: %s",
+        out["run_id"],
+        reg["name"],
+        reg["version"],
+        gate.get("decision"),
     )
-    return {"run_id": run_id, "model": reg, "gate": gate, "metrics": ev["metrics"]}
+    return {"run_id": out["run_id"], "model": reg, "gate": gate, "metrics": out["ev"]["metrics"]}

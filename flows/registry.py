@@ -97,14 +97,17 @@ def register_version(
     artifact_name: str,
     tags: dict,
     description: str,
+    model_uri: str | None = None,
 ) -> ModelVersion:
     """Register the model logged as `artifact_name` in run `run_id`, aliased `challenger`.
 
-    Uses the global tracking URI (mlflow.set_tracking_uri): `mlflow.register_model` also links
-    the logged model to the new version, which the client API does not.
+    `model_uri` (the `models:/m-...` URI that log_vae returns) avoids MLflow's detour through
+    `runs:/` for a logged model. Uses the global tracking URI (mlflow.set_tracking_uri):
+    `mlflow.register_model` also links the logged model to the new version.
     """
     str_tags = {str(k): str(v) for k, v in tags.items()}
-    mv = mlflow.register_model(f"runs:/{run_id}/{artifact_name}", model_name, tags=str_tags)
+    source = model_uri or f"runs:/{run_id}/{artifact_name}"
+    mv = mlflow.register_model(source, model_name, tags=str_tags)
     client = MlflowClient()
     version = str(mv.version)
     if description:
@@ -344,6 +347,16 @@ def _manual_tags(action: str, reason: str, actor: str, **extra: str) -> dict[str
     }
 
 
+def _set_manual_tags(client: MlflowClient, model_name: str, version: str, tags: dict) -> None:
+    """Record a manual action; manual.* tags of an earlier action that this one lacks are
+    removed, so a version's manual.* tags always describe its latest manual action."""
+    mv = client.get_model_version(model_name, version)
+    for key in mv.tags:
+        if key.startswith("manual.") and key not in tags:
+            client.delete_model_version_tag(model_name, version, key)
+    _set_tags(client, model_name, version, tags)
+
+
 def _check_words(reason: str, actor: str) -> tuple[str, str]:
     if not reason or not reason.strip():
         raise ValueError("reason: a manual registry action needs a reason, found none")
@@ -370,7 +383,7 @@ def promote_version(
         raise RegistryError(f"model {model_name!r} version {version} is already champion")
     if current is not None:
         client.set_registered_model_alias(model_name, ALIAS_PREVIOUS, current)
-        _set_tags(
+        _set_manual_tags(
             client, model_name, current, _manual_tags("demoted", reason, actor, replaced_by=version)
         )
         _append_description(
@@ -381,7 +394,7 @@ def promote_version(
             f"now previous-champion. Reason: {reason}",
         )
     client.set_registered_model_alias(model_name, ALIAS_CHAMPION, version)
-    _set_tags(
+    _set_manual_tags(
         client,
         model_name,
         version,
@@ -423,7 +436,7 @@ def rollback(
     client.set_registered_model_alias(model_name, ALIAS_CHAMPION, target)
     if current is not None and current != target:
         client.set_registered_model_alias(model_name, ALIAS_PREVIOUS, current)
-        _set_tags(
+        _set_manual_tags(
             client,
             model_name,
             current,
@@ -438,7 +451,7 @@ def rollback(
         )
     else:
         client.delete_registered_model_alias(model_name, ALIAS_PREVIOUS)
-    _set_tags(
+    _set_manual_tags(
         client,
         model_name,
         target,

@@ -21,17 +21,54 @@ DEFAULT_DB = "mlflow.db"
 ARTIFACT_ROOT = "mlruns"
 
 
+# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; remember what we set ourselves so
+# that a later workspace in the same process is not sent to the first one's database.
+_configured: str | None = None
+
+
 def tracking_uri(workdir: Path) -> str:
-    """MLFLOW_TRACKING_URI when set (a server, say), else SQLite in the workspace."""
-    return (
-        os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / DEFAULT_DB}"
-    )
+    """MLFLOW_TRACKING_URI when the user set it (a server, say), else SQLite in the workspace."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and env != _configured:
+        return env
+    return f"sqlite:///{Path(workdir).resolve() / DEFAULT_DB}"
 
 
 def configure(workdir: Path) -> MlflowClient:
+    global _configured
     uri = tracking_uri(workdir)
+    _configured = uri
     mlflow.set_tracking_uri(uri)
     return MlflowClient(uri)
+
+
+def ensure_reachable(client: MlflowClient) -> None:
+    """Fail fast, with the URI in the message, when the tracking backend does not answer."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.search_experiments(max_results=1)
+    except (MlflowException, OSError) as exc:
+        raise RuntimeError(
+            f"MLflow tracking backend {client.tracking_uri} is unreachable: {exc}"
+        ) from exc
+
+
+def mark_failed(client: MlflowClient, run_id: str, exc: BaseException) -> None:
+    """Record why a run failed, mark it FAILED, and delete any model version it registered.
+
+    Best effort: when the failure is the backend itself, these calls fail too, and the
+    original error is what the user must see.
+    """
+    import time
+
+    try:
+        for mv in client.search_model_versions(f"run_id='{run_id}'"):
+            client.delete_model_version(mv.name, mv.version)
+        client.set_tag(run_id, "failure.reason", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(run_id, "FAILED", end_time=int(time.time() * 1000))
+    except Exception:  # noqa: BLE001 - the backend may be the thing that failed
+        pass
 
 
 def experiment_name(dataset: str) -> str:

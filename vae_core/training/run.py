@@ -61,6 +61,7 @@ def run_training(
     out_dir = Path(out_dir)
     if isinstance(train_config, dict):
         train_config = TrainConfig.from_dict(train_config)
+    torch.manual_seed(train_config.seed)  # the initial weights too: same seed, same model
     model = build_vae(model_config)
     trainer = Trainer(model, train_config)
     result = trainer.fit(

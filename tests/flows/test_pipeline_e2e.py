@@ -1,0 +1,355 @@
+"""The `training-pipeline` flow end to end, with no mocks: a real Prefect API (the session's
+test harness), a real MLflow SQLite store in a throw-away git + DVC workspace, the real `dvc`
+CLI for the data stages, and the `vae-pipeline` commands people use.
+
+The scenario (run once for the module): run 1 trains two epochs and, as the first version
+meeting the floor, becomes champion; run 2 trains zero epochs (an untrained model, ~545 nats
+against ~210), is registered as challenger and rejected by the gate. Then a person promotes
+version 2 by hand and rolls back. Each test reads one aspect back from MLflow, DVC, git or
+Prefect.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from flows.cli import main as cli_main
+from flows.lineage import data_lineage
+from flows.params import flatten, load_params
+from flows.pipeline import training_pipeline
+from flows.tracking import params_hash
+
+MODEL = "mnist-vae"
+EXPERIMENT = "vae-mnist"
+
+
+def with_epochs(overrides: list[str], epochs: int) -> list[str]:
+    return [o for o in overrides if not o.startswith("train.epochs=")] + [f"train.epochs={epochs}"]
+
+
+def run_pipeline(workdir: Path, overrides: list[str]) -> SimpleNamespace:
+    start = time.monotonic()
+    state = training_pipeline(overrides=overrides, workdir=str(workdir), return_state=True)
+    seconds = time.monotonic() - start
+    assert state.is_completed(), f"flow run ended {state.type}: {state.message}"
+    result = state.result()
+    return SimpleNamespace(
+        overrides=overrides,
+        state=state,
+        flow_run_id=state.state_details.flow_run_id,
+        result=result,
+        run_id=result["run_id"],
+        seconds=seconds,
+    )
+
+
+@pytest.fixture(scope="module")
+def scenario(prefect_harness, isolated_mlflow_uri, workspace_factory, tiny_overrides):
+    from mlflow import MlflowClient
+
+    ws = workspace_factory("pipeline-e2e")
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    run1 = run_pipeline(ws, with_epochs(tiny_overrides, 2))
+    lock_after_run1 = (ws / "dvc.lock").read_text()
+    run2 = run_pipeline(ws, with_epochs(tiny_overrides, 0))
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    aliases = dict(client.get_registered_model(MODEL).aliases)
+    print(
+        f"\nworkspace {ws}\nrun 1: {run1.seconds:.0f} s, run 2: {run2.seconds:.0f} s; "
+        f"aliases after two runs: {aliases}"
+    )
+    return SimpleNamespace(
+        ws=ws,
+        head=head,
+        run1=run1,
+        run2=run2,
+        client=client,
+        aliases_after_runs=aliases,
+        lock_after_run1=lock_after_run1,
+    )
+
+
+def version_tags(scenario, version: str) -> dict[str, str]:
+    return dict(scenario.client.get_model_version(MODEL, version).tags)
+
+
+def aliases(scenario) -> dict[str, str]:
+    return {k: str(v) for k, v in scenario.client.get_registered_model(MODEL).aliases.items()}
+
+
+# --------------------------------------------------------------------------- registry + gate
+
+
+def test_first_run_registers_version_1_as_champion(scenario) -> None:
+    result = scenario.run1.result
+    assert result["model"] == {"name": MODEL, "version": "1"}
+    gate = result["gate"]
+    assert gate["decision"] == "promote" and gate["applied"] is True
+    assert gate["champion_before"] is None
+    assert gate["reason"].startswith("no champion yet") and "floor 1000" in gate["reason"]
+    assert gate["figures"]["challenger_mean_nll"] <= 1000
+
+    mv = scenario.client.get_model_version(MODEL, "1")
+    assert mv.run_id == scenario.run1.run_id
+    tags = dict(mv.tags)
+    assert tags["gate.decision"] == "promote"
+    assert tags["gate.applied"] == "true"
+    assert tags["gate.mode"] == "enabled"
+    assert tags["gate.reason"] == gate["reason"]
+    assert tags["mlflow.run_id"] == scenario.run1.run_id
+    assert "now champion" in mv.description
+    run = scenario.client.get_run(scenario.run1.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["gate.decision"] == "promote"
+
+
+def test_worse_second_run_is_registered_but_not_promoted(scenario) -> None:
+    result = scenario.run2.result
+    assert result["model"] == {"name": MODEL, "version": "2"}
+    gate = result["gate"]
+    assert gate["decision"] == "reject" and gate["applied"] is False
+    assert gate["champion_before"] == "1"
+    assert gate["reason"].startswith("not promoted: ")
+    assert "improvement not significant" in gate["reason"]
+    figures = gate["figures"]
+    assert figures["challenger_mean_nll"] > figures["champion_mean_nll"] + 100  # untrained
+    assert figures["mean_improvement"] < 0 and figures["ci_high"] < 0
+
+    # Registered, challenger, and champion did not move.
+    assert scenario.aliases_after_runs == {"champion": 1, "challenger": 2}
+    mv = scenario.client.get_model_version(MODEL, "2")
+    assert mv.run_id == scenario.run2.run_id
+    tags = dict(mv.tags)
+    assert tags["gate.decision"] == "reject"
+    assert tags["gate.applied"] == "false"
+    assert tags["gate.reason"] == gate["reason"]
+    assert float(tags["gate.champion_mean_nll"]) == pytest.approx(figures["champion_mean_nll"])
+    assert float(tags["gate.mean_improvement"]) == pytest.approx(figures["mean_improvement"])
+    assert "gate.previous_champion" not in tags
+    assert "not promoted" in mv.description and gate["reason"] in mv.description
+    run = scenario.client.get_run(scenario.run2.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["gate.decision"] == "reject"
+    assert run.data.params["train.epochs"] == "0"
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+def test_lineage_tags_match_dvc_lock_and_git(scenario) -> None:
+    ws = scenario.ws
+    lineage = data_lineage(ws)
+    assert lineage["params_match_lock"] is True
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    assert lineage["raw_md5"] == lock["fetch"]["outs"][0]["md5"]
+    assert lineage["processed_md5"] == lock["prepare"]["outs"][0]["md5"]
+    # Run 2 changed no data parameter: DVC had nothing to redo and the lock is unchanged.
+    assert (ws / "dvc.lock").read_text() == scenario.lock_after_run1
+
+    for run, version in ((scenario.run1, "1"), (scenario.run2, "2")):
+        tags = scenario.client.get_run(run.run_id).data.tags
+        params = load_params(ws / "params.yaml", run.overrides)
+        expected = {
+            "dvc.raw_md5": lineage["raw_md5"],
+            "dvc.processed_md5": lineage["processed_md5"],
+            "git.commit": scenario.head,
+            # The overrides are written into params.yaml (like `dvc exp run -S`): dirty tree.
+            "git.dirty": "true",
+            "params.hash": params_hash(params),
+            "data.dataset": "mnist",
+            "data.source": "embedded",
+            "device": "cpu",
+            "prefect.flow_run_id": str(run.flow_run_id),
+        }
+        assert {k: tags.get(k) for k in expected} == expected
+        assert tags["torch.version"] and tags["python.version"]
+        assert "prefect.deployment" not in tags  # not scheduled: a plain flow call
+        # The registered version carries the same lineage, so the registry page alone says
+        # which data, code, parameters and flow run made it.
+        mv_tags = version_tags(scenario, version)
+        assert {k: mv_tags.get(k) for k in expected} == expected
+        assert mv_tags["prefect.flow_run_name"] == tags["prefect.flow_run_name"]
+    assert (
+        scenario.client.get_run(scenario.run1.run_id).data.tags["params.hash"]
+        != scenario.client.get_run(scenario.run2.run_id).data.tags["params.hash"]
+    )
+
+
+def test_dataset_input_digest_is_the_dvc_md5(scenario) -> None:
+    lineage = data_lineage(scenario.ws)
+    for run in (scenario.run1, scenario.run2):
+        inputs = scenario.client.get_run(run.run_id).inputs.dataset_inputs
+        assert len(inputs) == 1
+        ds = inputs[0].dataset
+        assert ds.digest == lineage["processed_md5"]
+        assert ds.name == "mnist-processed"
+        assert str(scenario.ws / "data" / "processed" / "mnist") in ds.source
+        assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
+
+
+# --------------------------------------------------------------------------- what is logged
+
+
+def test_params_metrics_and_artifacts_are_logged(scenario) -> None:
+    client, run1 = scenario.client, scenario.run1
+    run = client.get_run(run1.run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == EXPERIMENT
+    assert experiment.artifact_location == (scenario.ws / "mlruns").resolve().as_uri()
+    assert client.get_run(scenario.run2.run_id).info.experiment_id == experiment.experiment_id
+
+    # Every parameter (params.yaml flattened with the run's overrides applied), plus them.
+    expected_params = flatten(load_params(scenario.ws / "params.yaml", run1.overrides))
+    expected_params["overrides"] = " ".join(run1.overrides)
+    assert run.data.params == expected_params
+    assert run.data.params["train.epochs"] == "2"
+
+    # Per-epoch training curves, with the epoch as the step.
+    for key in ("train_neg_elbo", "val_neg_elbo", "val_kl"):
+        history = client.get_metric_history(run1.run_id, key)
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2], key
+        assert all(math.isfinite(m.value) for m in history)
+    # Final evaluation figures, labelled with their estimator.
+    metrics = run.data.metrics
+    for key in ("test_neg_elbo", "test_nll_iwae", "train.test_neg_elbo", "train.best_epoch"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["iwae_k"] == 5 and metrics["iwae_num_examples"] == 200
+    assert 50 < metrics["test_nll_iwae"] < 1000
+    assert "IWAE" in run.data.tags["test_nll_iwae_estimator"]
+    mv_tags = version_tags(scenario, "1")
+    assert mv_tags["metric.test_nll_iwae"] == f"{metrics['test_nll_iwae']:.4f}"
+
+    top = {a.path for a in client.list_artifacts(run1.run_id)}
+    assert {"images", "evaluation", "loss_curve.png"} <= top
+    images = {a.path for a in client.list_artifacts(run1.run_id, "images")}
+    assert {f"images/{n}.png" for n in ("samples", "reconstructions", "interpolation")} <= images
+    evaluation = {a.path for a in client.list_artifacts(run1.run_id, "evaluation")}
+    assert {"evaluation/metrics.json", "evaluation/samples.png"} <= evaluation
+    # The artifacts are files under the workspace's mlruns/ (the local artifact root).
+    assert run.info.artifact_uri.startswith((scenario.ws / "mlruns").resolve().as_uri() + "/")
+    on_disk = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert (on_disk / "images" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The pickle-free model behind the version: pt2 program + safetensors weights + config.
+    from mlflow.models import Model
+
+    mv = client.get_model_version(MODEL, "1")
+    assert mv.source.startswith("models:/")
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(mv.source, tracking_uri=client.tracking_uri))
+    model = Model.load(str(local))
+    assert model.metadata["vae_weights_format"] == "safetensors"
+    assert (local / "extra_files" / "model.safetensors").is_file()
+    assert (local / "extra_files" / "model_config.json").is_file()
+    assert model.signature is not None and model.saved_input_example_info is not None
+
+
+# --------------------------------------------------------------------------- Prefect
+
+
+def test_prefect_flow_runs_and_artifacts(scenario) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        for run, version in ((scenario.run1, "1"), (scenario.run2, "2")):
+            tags = scenario.client.get_run(run.run_id).data.tags
+            flow_run = client.read_flow_run(run.flow_run_id)
+            assert tags["prefect.flow_run_id"] == str(flow_run.id)
+            assert tags["prefect.flow_run_name"] == flow_run.name
+            assert tags["mlflow.runName"] == flow_run.name
+            assert client.read_flow(flow_run.flow_id).name == "training-pipeline"
+            assert flow_run.state is not None and flow_run.state.is_completed()
+            assert flow_run.parameters["overrides"] == run.overrides
+            assert flow_run.deployment_id is None
+
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])
+                )
+            )
+            by_type: dict[str, list] = {}
+            for artifact in artifacts:
+                by_type.setdefault(artifact.type, []).append(artifact)
+            (summary,) = [a for a in by_type.get("markdown", []) if a.key]
+            assert summary.key == "training-pipeline-summary"
+            assert run.run_id in summary.data
+            assert f"{MODEL} v{version}" in summary.data
+            assert run.result["gate"]["decision"] in summary.data
+            assert "test NLL, IWAE k=5" in summary.data
+            (progress,) = by_type["progress"]
+            assert progress.key == "training-progress"
+            assert float(progress.data) == 100.0
+
+
+# --------------------------------------------------------------------------- people
+
+
+def test_sample_from_the_champion(scenario, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from flows.model_io import load_vae
+    from vae_core.evaluation.images import grid_size
+
+    out = tmp_path / "grid" / "x.png"
+    argv = ["sample", "--model", f"models:/{MODEL}@champion", "-n", "16", "--out", str(out)]
+    assert cli_main([*argv, "--workdir", str(scenario.ws)]) == 0
+    assert str(out) in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        height, width = grid_size(16, 8)
+        assert image.size == (width, height)
+        assert len(set(image.convert("L").tobytes())) > 2  # drawn digits, not a blank grid
+
+    champion = load_vae(f"models:/{MODEL}@champion")  # the champion is version 1
+    v1 = load_vae(f"models:/{MODEL}/1")
+    v2 = load_vae(f"models:/{MODEL}/2")
+
+    def same(a, b) -> bool:
+        sa, sb = a.state_dict(), b.state_dict()
+        return sa.keys() == sb.keys() and all(sa[k].equal(sb[k]) for k in sa)
+
+    assert same(champion, v1) and not same(champion, v2)
+
+
+def test_manual_promote_then_rollback_move_aliases(scenario, capsys) -> None:
+    ws = ["--workdir", str(scenario.ws), "--actor", "pytest"]
+    promote_reason = "manual check: promote the untrained version 2"
+    assert cli_main(["promote", "2", "--reason", promote_reason, *ws]) == 0
+    assert "champion='2'" in capsys.readouterr().out
+    assert aliases(scenario) == {"champion": "2", "previous-champion": "1", "challenger": "2"}
+    v2, v1 = version_tags(scenario, "2"), version_tags(scenario, "1")
+    assert v2["manual.action"] == "promote"
+    assert v2["manual.reason"] == promote_reason
+    assert v2["manual.actor"] == "pytest"
+    assert v2["manual.previous_champion"] == "1"
+    assert v2["manual.at"]
+    assert v2["gate.decision"] == "reject"  # the gate's record stays as it was
+    assert v1["manual.action"] == "demoted" and v1["manual.replaced_by"] == "2"
+    assert promote_reason in scenario.client.get_model_version(MODEL, "2").description
+
+    # Promoting the champion again is refused with a clear error and changes nothing.
+    assert cli_main(["promote", "2", "--reason", "again", *ws]) == 2
+    assert "already champion" in capsys.readouterr().err
+
+    rollback_reason = "roll back: version 2 was never trained"
+    assert cli_main(["rollback", "--reason", rollback_reason, *ws]) == 0
+    capsys.readouterr()
+    assert aliases(scenario) == {"champion": "1", "previous-champion": "2", "challenger": "2"}
+    v2, v1 = version_tags(scenario, "2"), version_tags(scenario, "1")
+    assert v1["manual.action"] == "rollback-to"
+    assert v1["manual.reason"] == rollback_reason
+    assert v1["manual.replaced"] == "2"
+    assert v2["manual.action"] == "rolled-back" and v2["manual.replaced_by"] == "1"
+    assert rollback_reason in scenario.client.get_model_version(MODEL, "1").description
+    assert rollback_reason in scenario.client.get_model_version(MODEL, "2").description

@@ -1,0 +1,130 @@
+"""The pipeline against a real `mlflow server` over HTTP on 127.0.0.1: `MLFLOW_TRACKING_URI`
+sends the run, its artifacts (proxied by the server) and the registered version there, and the
+model loads back from `models:/mnist-vae@champion` over HTTP. Nothing is written to the
+workspace's own SQLite store."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+MODEL = "mnist-vae"
+
+# A server start plus a full pipeline run: 2-4 min on a busy two-core machine.
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, start_process, proc_tools) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = proc_tools.free_port()
+    cmd = [
+        proc_tools.bin_path("mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root / 'm.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--workers",
+        "1",
+    ]
+    # No job runner: the pipeline needs none, and it would start 7 extra worker processes.
+    env = proc_tools.env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = start_process("mlflow-server", cmd, env=env, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    proc_tools.wait_for_http(f"{url}/health", proc, timeout_s=180)
+    return SimpleNamespace(url=url, root=root, proc=proc)
+
+
+def rest(server: SimpleNamespace, endpoint: str, **query: str) -> dict:
+    """GET an MLflow REST endpoint and decode its JSON."""
+    url = f"{server.url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        assert resp.status == 200
+        return json.loads(resp.read())
+
+
+def test_pipeline_tracks_and_registers_over_http(
+    mlflow_server,
+    prefect_harness,
+    isolated_mlflow_uri,
+    workspace_factory,
+    tiny_overrides,
+    monkeypatch,
+    tmp_path: Path,
+) -> None:
+    import mlflow
+    import torch
+
+    from flows.cli import main as cli_main
+    from flows.lineage import data_lineage
+    from flows.model_io import load_vae
+    from flows.pipeline import training_pipeline
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    ws = workspace_factory("pipeline-http")
+    state = training_pipeline(overrides=tiny_overrides, workdir=str(ws), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    run_id = result["run_id"]
+    assert result["model"] == {"name": MODEL, "version": "1"}
+    assert result["gate"]["decision"] == "promote"
+    assert not (ws / "mlflow.db").exists(), "the run went to the local store, not the server"
+    assert [p.name for p in (ws / "mlruns").iterdir()] == [".gitkeep"]  # no local artifacts
+
+    # The run and its lineage, read back through the server's REST API.
+    run = rest(mlflow_server, "runs/get", run_id=run_id)["run"]
+    assert run["info"]["status"] == "FINISHED"
+    assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:/")
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    lineage = data_lineage(ws)
+    assert tags["dvc.raw_md5"] == lineage["raw_md5"]
+    assert tags["dvc.processed_md5"] == lineage["processed_md5"]
+    assert tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert tags["gate.decision"] == "promote"
+    assert len(tags["git.commit"]) == 40
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["train.epochs"] == "1" and params["evaluate.iwae_k"] == "5"
+    metric_keys = {m["key"] for m in run["data"]["metrics"]}
+    assert {"train_neg_elbo", "val_neg_elbo", "test_neg_elbo", "test_nll_iwae"} <= metric_keys
+    (dataset_input,) = run["inputs"]["dataset_inputs"]
+    assert dataset_input["dataset"]["digest"] == lineage["processed_md5"]
+
+    images = rest(mlflow_server, "artifacts/list", run_id=run_id, path="images")
+    assert "images/samples.png" in {f["path"] for f in images["files"]}
+    # The server stored the artifacts in its own destination folder.
+    stored = mlflow_server.root / "artifacts"
+    assert any(stored.rglob("samples.png"))
+    assert any(stored.rglob("model.safetensors"))
+
+    # The registered version and its aliases.
+    registered = rest(mlflow_server, "registered-models/get", name=MODEL)["registered_model"]
+    aliases = {a["alias"]: a["version"] for a in registered["aliases"]}
+    assert aliases == {"champion": "1", "challenger": "1"}
+    version = rest(mlflow_server, "model-versions/get", name=MODEL, version="1")["model_version"]
+    assert version["run_id"] == run_id
+    version_tags = {t["key"]: t["value"] for t in version["tags"]}
+    assert version_tags["dvc.processed_md5"] == lineage["processed_md5"]
+    assert version_tags["gate.decision"] == "promote"
+    assert version_tags["prefect.flow_run_id"] == tags["prefect.flow_run_id"]
+
+    # The champion loads over HTTP (artifacts proxied by the server) and samples.
+    mlflow.set_tracking_uri(mlflow_server.url)
+    model = load_vae(f"models:/{MODEL}@champion")
+    images = model.sample(4, torch.Generator().manual_seed(0))
+    assert tuple(images.shape) == (4, 1, 28, 28)
+    assert torch.isfinite(images).all()
+    out = tmp_path / "http-samples.png"
+    argv = ["sample", "--model", f"models:/{MODEL}@champion", "-n", "4", "--out", str(out)]
+    assert cli_main([*argv, "--workdir", str(ws)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert mlflow_server.proc.alive()
