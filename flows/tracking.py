@@ -37,7 +37,8 @@ def tracking_uri(workdir: Path) -> str:
 def configure(workdir: Path) -> MlflowClient:
     global _configured
     uri = tracking_uri(workdir)
-    _configured = uri
+    if uri != os.environ.get("MLFLOW_TRACKING_URI"):
+        _configured = uri  # the workspace default, which set_tracking_uri exports below
     mlflow.set_tracking_uri(uri)
     return MlflowClient(uri)
 
