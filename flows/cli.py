@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from flows.sweep import add_sweep_parser, cmd_sweep  # light: the sweep loads Prefect lazily
+
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a VAE on a data source and write metrics.json")
@@ -240,6 +242,7 @@ COMMANDS = {
     "promote": (_add_promote, _cmd_promote),
     "rollback": (None, _cmd_promote),
     "serve": (_add_serve, _cmd_serve),
+    "sweep": (add_sweep_parser, cmd_sweep),
 }
 
 

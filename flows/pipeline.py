@@ -101,7 +101,7 @@ def evaluate(workdir: str, params: dict, run_id: str, model_dir: str, run_dir: s
     """Likelihood and sample quality into one folder, logged to the run."""
     from vae_core.data import load_processed
     from vae_core.evaluation import evaluate_model, load_classifier
-    from vae_core.training import load_model
+    from vae_core.training import load_model, pick_device
 
     client = tracking.configure(Path(workdir))
     dataset = params["data"]["dataset"]
@@ -111,7 +111,7 @@ def evaluate(workdir: str, params: dict, run_id: str, model_dir: str, run_dir: s
     out_dir = Path(run_dir) / "evaluation"
     ev = params["evaluate"]
     metrics = evaluate_model(
-        load_model(Path(model_dir)),
+        load_model(Path(model_dir), device=pick_device(params["train"]["device"])),
         splits,
         params["train"]["data_variant"],
         out_dir,

@@ -61,8 +61,12 @@ def _time_iwae(model, x, k: int, test_size: int, seed: int, device: torch.device
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mnist-dir", type=Path, default=None,
-                        help="folder of the four IDX files (default: the embedded subset)")
+    parser.add_argument(
+        "--mnist-dir",
+        type=Path,
+        default=None,
+        help="folder of the four IDX files (default: the embedded subset)",
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="a saved model to time")
     parser.add_argument("--train-epochs", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -85,9 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         model = VAE(VAEConfig())
         if args.train_epochs > 0:
             t0 = time.perf_counter()
-            trainer = Trainer(model, TrainConfig(epochs=args.train_epochs, patience=0,
-                                                 progress=False, device=str(device),
-                                                 seed=args.seed))
+            trainer = Trainer(
+                model,
+                TrainConfig(
+                    epochs=args.train_epochs,
+                    patience=0,
+                    progress=False,
+                    device=str(device),
+                    seed=args.seed,
+                ),
+            )
             trainer.fit(splits.train_images, splits.val_images)
             model = trainer.model
             print(f"train_epochs {args.train_epochs}")

@@ -26,8 +26,9 @@ def _vae(latent_dim: int = 4) -> VAE:
 
 
 def _images(n: int) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(n))
+    return torch.randint(
+        0, 256, (n, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(n)
+    )
 
 
 def test_sample_grid_has_the_grid_size(tmp_path):

@@ -51,8 +51,11 @@ class LinearGaussian(nn.Module):
 
     def log_likelihood(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         d = x.shape[1]
-        return (-0.5 * ((x.double() - mean) / self.sigma).pow(2).sum(1)
-                - d * math.log(self.sigma) - 0.5 * d * math.log(2 * math.pi))
+        return (
+            -0.5 * ((x.double() - mean) / self.sigma).pow(2).sum(1)
+            - d * math.log(self.sigma)
+            - 0.5 * d * math.log(2 * math.pi)
+        )
 
     def exact_log_px(self, x: torch.Tensor) -> torch.Tensor:
         cov = self.W @ self.W.T + self.sigma**2 * torch.eye(len(self.b), dtype=torch.float64)
@@ -84,8 +87,9 @@ def test_iwae_converges_to_exact_log_likelihood_from_below():
     model = LinearGaussian(W, torch.randn(5, generator=gen), 0.5, inflate=2.0)
     x = _data(model, 1000, seed=4)
     exact = float(model.exact_log_px(x).mean())
-    gaps = [exact - float(iwae_log_likelihood(model, x, k, seed=5).mean())
-            for k in (1, 10, 100, 1000)]
+    gaps = [
+        exact - float(iwae_log_likelihood(model, x, k, seed=5).mean()) for k in (1, 10, 100, 1000)
+    ]
     assert gaps[0] > 0.5, f"q should be a visibly imperfect posterior, gaps {gaps}"
     assert all(a > b for a, b in zip(gaps, gaps[1:], strict=False)), f"not tightening: {gaps}"
     # Below the exact value up to Monte Carlo noise (about 0.001 nats at k=1000 here).

@@ -37,9 +37,12 @@ def _splits(n_train: int = 120, n_val: int = 20, n_test: int = 40) -> DatasetSpl
 
     test = images(n_test)
     return DatasetSplits(
-        train_images=images(n_train), train_labels=labels(n_train),
-        val_images=images(n_val), val_labels=labels(n_val),
-        test_images=test, test_labels=labels(n_test),
+        train_images=images(n_train),
+        train_labels=labels(n_train),
+        val_images=images(n_val),
+        val_labels=labels(n_val),
+        test_images=test,
+        test_labels=labels(n_test),
         test_binarized=torch.bernoulli(test.float() / 255, generator=gen).to(torch.uint8),
     )
 
@@ -58,14 +61,32 @@ SETTINGS = dict(iwae_k=20, iwae_test_size=15, num_samples=30, seed=3)
 
 
 def test_evaluate_model_writes_labelled_metrics_nll_and_pngs(tmp_path):
-    metrics = evaluate_model(_vae(), _splits(), "binarized", tmp_path, classifier=_classifier(),
-                             **SETTINGS)
+    metrics = evaluate_model(
+        _vae(), _splits(), "binarized", tmp_path, classifier=_classifier(), **SETTINGS
+    )
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
-    for key in ("test_neg_elbo", "test_recon", "test_kl", "test_bits_per_dim", "test_nll_iwae",
-                "test_nll_iwae_stderr", "test_nll_iwae_bits_per_dim", "active_units",
-                "sq_fd", "sq_kid", "sq_precision", "sq_recall", "sq_density", "sq_coverage",
-                "sq_inception_score", "sq_label_frac_0", "sq_ref_fd", "sq_ref_kid",
-                "sq_ref_coverage", "sq_ref_inception_score"):
+    for key in (
+        "test_neg_elbo",
+        "test_recon",
+        "test_kl",
+        "test_bits_per_dim",
+        "test_nll_iwae",
+        "test_nll_iwae_stderr",
+        "test_nll_iwae_bits_per_dim",
+        "active_units",
+        "sq_fd",
+        "sq_kid",
+        "sq_precision",
+        "sq_recall",
+        "sq_density",
+        "sq_coverage",
+        "sq_inception_score",
+        "sq_label_frac_0",
+        "sq_ref_fd",
+        "sq_ref_kid",
+        "sq_ref_coverage",
+        "sq_ref_inception_score",
+    ):
         assert isinstance(metrics[key], float | int) and math.isfinite(metrics[key]), key
     assert metrics["test_neg_elbo"] == pytest.approx(metrics["test_recon"] + metrics["test_kl"])
     assert metrics["iwae_k"] == 20 and metrics["iwae_test_size"] == 15
@@ -92,15 +113,17 @@ def test_evaluation_is_deterministic_and_subsets_agree_with_the_full_set(tmp_pat
     a = evaluate_model(model, splits, "binarized", tmp_path / "a", **SETTINGS)
     b = evaluate_model(model, splits, "binarized", tmp_path / "b", **SETTINGS)
     assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == {
-        k: v for k, v in b.items() if k not in TIMING_KEYS}
+        k: v for k, v in b.items() if k not in TIMING_KEYS
+    }
     nll_a, index_a, _ = load_per_example(tmp_path / "a")
     nll_b, index_b, _ = load_per_example(tmp_path / "b")
     np.testing.assert_array_equal(nll_a, nll_b)
     np.testing.assert_array_equal(index_a, index_b)
     # The whole test set: the same per-example figures at the subset's indices (per-example
     # seeding), and the IWAE bound is tighter than the one-sample ELBO.
-    full = evaluate_model(model, splits, "binarized", tmp_path / "full",
-                          **(SETTINGS | {"iwae_test_size": 0}))
+    full = evaluate_model(
+        model, splits, "binarized", tmp_path / "full", **(SETTINGS | {"iwae_test_size": 0})
+    )
     nll_full, index_full, _ = load_per_example(tmp_path / "full")
     np.testing.assert_array_equal(index_full, np.arange(40))
     np.testing.assert_allclose(nll_full[index_a], nll_a, rtol=0, atol=1e-6)
@@ -115,14 +138,16 @@ def test_summed_bce_on_grey_levels_is_never_called_a_likelihood(tmp_path):
     assert "test_bits_per_dim" not in metrics
     assert "not a likelihood" in metrics["test_neg_elbo_estimator"]
     assert metrics["test_neg_iwae_bce_greylevels_estimator"].startswith(
-        "iwae_bound_not_a_likelihood")
+        "iwae_bound_not_a_likelihood"
+    )
     assert not (tmp_path / "per_example_nll.npy").exists()
     values, index, loaded = load_per_example(tmp_path)
     assert loaded["per_example_file"] == "per_example_neg_iwae_bce_greylevels.npy"
     assert values.shape == index.shape == (15,)
     # The continuous Bernoulli on grey levels is a density: it gets an NLL of its own.
-    cb = evaluate_model(_vae("continuous_bernoulli"), _splits(), "continuous", tmp_path / "cb",
-                        **SETTINGS)
+    cb = evaluate_model(
+        _vae("continuous_bernoulli"), _splits(), "continuous", tmp_path / "cb", **SETTINGS
+    )
     assert cb["likelihood_kind"] == "density_nll_continuous_bernoulli_greylevels"
     assert "test_nll_iwae" in cb and "not comparable" in cb["likelihood_kind_label"]
 
@@ -138,8 +163,21 @@ def test_classifier_and_report_command_lines(tmp_path, capsys):
     splits = _splits()
     processed = tmp_path / "processed"
     save_processed(splits, {"train": np.arange(120), "val": np.arange(120, 140)}, processed)
-    assert classifier_module.main(["--processed", str(processed), "--out", str(tmp_path / "clf"),
-                                   "--epochs", "1", "--device", "cpu"]) == 0
+    assert (
+        classifier_module.main(
+            [
+                "--processed",
+                str(processed),
+                "--out",
+                str(tmp_path / "clf"),
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "test_accuracy" in capsys.readouterr().out
     clf = load_classifier(tmp_path / "clf")
     saved = json.loads((tmp_path / "clf" / "classifier.json").read_text())
@@ -148,17 +186,43 @@ def test_classifier_and_report_command_lines(tmp_path, capsys):
 
     model = _vae()
     save_model(model, model.config.to_dict() | {"data_variant": "binarized"}, tmp_path / "model")
-    code = report_module.main([
-        "--model-dir", str(tmp_path / "model"), "--processed", str(processed),
-        "--out", str(tmp_path / "eval"), "--classifier", str(tmp_path / "clf"),
-        "--iwae-k", "10", "--iwae-test-size", "12", "--num-samples", "20", "--device", "cpu",
-    ])
+    code = report_module.main(
+        [
+            "--model-dir",
+            str(tmp_path / "model"),
+            "--processed",
+            str(processed),
+            "--out",
+            str(tmp_path / "eval"),
+            "--classifier",
+            str(tmp_path / "clf"),
+            "--iwae-k",
+            "10",
+            "--iwae-test-size",
+            "12",
+            "--num-samples",
+            "20",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["data_variant"] == "binarized" and metrics["iwae_k"] == 10
     assert metrics["sq_num_samples"] == 20 and "test_nll_iwae" in capsys.readouterr().out
-    assert report_module.main(["--model-dir", str(tmp_path / "nothing"), "--processed",
-                               str(processed), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        report_module.main(
+            [
+                "--model-dir",
+                str(tmp_path / "nothing"),
+                "--processed",
+                str(processed),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_classifier_training_is_deterministic_and_round_trips(tmp_path):

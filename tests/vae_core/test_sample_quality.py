@@ -59,7 +59,8 @@ def test_frechet_distance_of_identical_statistics_is_zero_and_symmetric():
     stats_a, stats_b = feature_statistics(a), feature_statistics(b)
     assert frechet_distance(*stats_a, *stats_a) == pytest.approx(0.0, abs=1e-9)
     assert frechet_distance(*stats_a, *stats_b) == pytest.approx(
-        frechet_distance(*stats_b, *stats_a), rel=1e-9)
+        frechet_distance(*stats_b, *stats_a), rel=1e-9
+    )
 
 
 def test_kid_agrees_with_torchmetrics_on_whole_sets_and_on_seeded_subsets():
@@ -110,8 +111,9 @@ def test_inception_score_and_label_histogram_on_known_distributions():
     assert inception_score(one_class)[0] == pytest.approx(1.0, rel=1e-6)
     assert inception_score(torch.full((300, 10), 0.1))[0] == pytest.approx(1.0, rel=1e-6)
     np.testing.assert_allclose(label_histogram(one_class), np.eye(10)[4])
-    np.testing.assert_allclose(label_histogram(torch.tensor([0, 0, 1, 9])),
-                               [0.5, 0.25, 0, 0, 0, 0, 0, 0, 0, 0.25])
+    np.testing.assert_allclose(
+        label_histogram(torch.tensor([0, 0, 1, 9])), [0.5, 0.25, 0, 0, 0, 0, 0, 0, 0, 0.25]
+    )
 
 
 # ----------------------------------------------------------- sanity orderings on real digits
@@ -180,15 +182,21 @@ def test_briefly_trained_vae_lands_between_real_digits_and_noise(embedded, class
     from vae_core.training import TrainConfig, Trainer
 
     torch.manual_seed(0)
-    trainer = Trainer(VAE(VAEConfig()), TrainConfig(epochs=3, lr=3e-3, patience=0,
-                                                   progress=False, device="cpu"))
+    trainer = Trainer(
+        VAE(VAEConfig()), TrainConfig(epochs=3, lr=3e-3, patience=0, progress=False, device="cpu")
+    )
     trainer.fit(embedded.train_images, embedded.val_images)
     samples = trainer.model.sample(1000, generator=torch.Generator().manual_seed(1))
-    report = sample_quality_report(classifier, samples, embedded.test_images,
-                                   embedded.train_images, n=1000)
+    report = sample_quality_report(
+        classifier, samples, embedded.test_images, embedded.train_images, n=1000
+    )
     noise = torch.rand(1000, 1, 28, 28, generator=torch.Generator().manual_seed(2))
-    noise_row = {f"sq_{k}": v for k, v in _rows(
-        classifier, as_images(embedded.test_images), {"noise": noise})["noise"].items()}
+    noise_row = {
+        f"sq_{k}": v
+        for k, v in _rows(classifier, as_images(embedded.test_images), {"noise": noise})[
+            "noise"
+        ].items()
+    }
     assert report["sq_num_samples"] == 1000 and report["sq_num_reference"] == 1000
     assert report["sq_ref_fd"] < report["sq_fd"] < noise_row["sq_fd"]
     assert report["sq_ref_kid"] < report["sq_kid"]  # KID against noise: see the test above

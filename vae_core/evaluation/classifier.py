@@ -199,8 +199,11 @@ def train_classifier(
             {"epoch": epoch + 1, "train_loss": float(loss_sum) / n, "val_accuracy": val_acc}
         )
         if progress:
-            print(f"classifier epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f} "
-                  f"val acc {val_acc:.4f} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+            print(
+                f"classifier epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f} "
+                f"val acc {val_acc:.4f} ({time.perf_counter() - t0:.1f}s)",
+                file=sys.stderr,
+            )
     seconds = time.perf_counter() - t0
     model.eval()
     metrics = {
@@ -272,8 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model, metrics = train_classifier(
-        splits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, progress=True,
+        splits,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        progress=True,
     )
     save_classifier(model, args.out, metrics)
     print(f"test_accuracy {metrics['test_accuracy']:.4f}")

@@ -21,14 +21,24 @@ from vae_core.models.likelihoods import mean_image
 
 PADDING = 2
 # matplotlib's tab10, one colour per digit 0..9, as RGB in [0, 1].
-PALETTE = torch.tensor(
-    [
-        [0x1F, 0x77, 0xB4], [0xFF, 0x7F, 0x0E], [0x2C, 0xA0, 0x2C], [0xD6, 0x27, 0x28],
-        [0x94, 0x67, 0xBD], [0x8C, 0x56, 0x4B], [0xE3, 0x77, 0xC2], [0x7F, 0x7F, 0x7F],
-        [0xBC, 0xBD, 0x22], [0x17, 0xBE, 0xCF],
-    ],
-    dtype=torch.float32,
-) / 255.0
+PALETTE = (
+    torch.tensor(
+        [
+            [0x1F, 0x77, 0xB4],
+            [0xFF, 0x7F, 0x0E],
+            [0x2C, 0xA0, 0x2C],
+            [0xD6, 0x27, 0x28],
+            [0x94, 0x67, 0xBD],
+            [0x8C, 0x56, 0x4B],
+            [0xE3, 0x77, 0xC2],
+            [0x7F, 0x7F, 0x7F],
+            [0xBC, 0xBD, 0x22],
+            [0x17, 0xBE, 0xCF],
+        ],
+        dtype=torch.float32,
+    )
+    / 255.0
+)
 
 
 def grid_size(n: int, nrow: int, tile: int = 28, padding: int = PADDING) -> tuple[int, int]:
@@ -51,9 +61,7 @@ def save_sample_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
     return path
 
 
-def save_reconstructions(
-    model: nn.Module, images: torch.Tensor, path: Path, nrow: int = 8
-) -> Path:
+def save_reconstructions(model: nn.Module, images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
     """Rows of originals, each followed by the row of their reconstructions (decoder mean at
     z = E_q[z|x]): alternate rows read original / reconstruction."""
     x = as_images(images).to(model_device(model))
@@ -95,7 +103,11 @@ def project_2d(points: torch.Tensor) -> torch.Tensor:
 
 
 def rasterize_points(
-    xy: torch.Tensor, labels: torch.Tensor, size: int = 512, radius: int = 2, margin: int = 8,
+    xy: torch.Tensor,
+    labels: torch.Tensor,
+    size: int = 512,
+    radius: int = 2,
+    margin: int = 8,
     seed: int = 0,
 ) -> torch.Tensor:
     """Draw coloured dots (palette by label) on a white (3, size, size) canvas.

@@ -134,9 +134,11 @@ def iwae_log_likelihood(
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             xb = x[start : start + batch_size].to(device)
-            out[start : start + len(xb)] = _iwae_batch(
-                model, xb, k, indices[start : start + len(xb)], seed, gen, max_rows
-            ).cpu().numpy()
+            out[start : start + len(xb)] = (
+                _iwae_batch(model, xb, k, indices[start : start + len(xb)], seed, gen, max_rows)
+                .cpu()
+                .numpy()
+            )
     return out
 
 
@@ -222,8 +224,10 @@ def latent_means(model: nn.Module, x: torch.Tensor, batch_size: int = 10_000) ->
     """E_q[z | x] for every example of x, shape (N, latent_dim), float32 on the model's device."""
     device = model_device(model)
     with torch.inference_mode():
-        parts = [model.encode(x[i : i + batch_size].to(device))[0].float()
-                 for i in range(0, len(x), batch_size)]
+        parts = [
+            model.encode(x[i : i + batch_size].to(device))[0].float()
+            for i in range(0, len(x), batch_size)
+        ]
     return torch.cat(parts)
 
 

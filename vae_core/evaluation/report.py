@@ -69,36 +69,44 @@ def likelihood_kind(likelihood: str, data_variant: str) -> tuple[str, str]:
     "NLL" would have an entropy floor of about 45 nats per image, so it is never called one.
     """
     if likelihood == "bernoulli" and data_variant == "binarized":
-        return ("discrete_nll_binarized",
-                "NLL of binarized MNIST under a Bernoulli decoder, in nats per image: comparable "
-                "to the published table (Burda et al. 2015, Table 1) when k is large")
+        return (
+            "discrete_nll_binarized",
+            "NLL of binarized MNIST under a Bernoulli decoder, in nats per image: comparable "
+            "to the published table (Burda et al. 2015, Table 1) when k is large",
+        )
     if likelihood == "continuous_bernoulli" and data_variant == "continuous":
-        return ("density_nll_continuous_bernoulli_greylevels",
-                "negative log-density of grey levels under a continuous Bernoulli decoder: a "
-                "likelihood of its own, not comparable to binarized-MNIST NLLs")
+        return (
+            "density_nll_continuous_bernoulli_greylevels",
+            "negative log-density of grey levels under a continuous Bernoulli decoder: a "
+            "likelihood of its own, not comparable to binarized-MNIST NLLs",
+        )
     if likelihood == "continuous_bernoulli" and data_variant == "binarized":
-        return ("density_nll_continuous_bernoulli_binarized",
-                "negative log-density of binarized pixels under a continuous Bernoulli decoder: "
-                "a likelihood of its own, not comparable to discrete NLLs")
-    return ("not_a_likelihood_bce_greylevels",
-            "summed binary cross-entropy on grey levels: not a likelihood, so no NLL is reported; "
-            "the IWAE figure is a bound of that objective only (iwae_bound_not_a_likelihood)")
+        return (
+            "density_nll_continuous_bernoulli_binarized",
+            "negative log-density of binarized pixels under a continuous Bernoulli decoder: "
+            "a likelihood of its own, not comparable to discrete NLLs",
+        )
+    return (
+        "not_a_likelihood_bce_greylevels",
+        "summed binary cross-entropy on grey levels: not a likelihood, so no NLL is reported; "
+        "the IWAE figure is a bound of that objective only (iwae_bound_not_a_likelihood)",
+    )
 
 
 def _captions(data_variant: str, likelihood: str) -> dict[str, str]:
     trained = f"{likelihood} decoder, trained on {VARIANT_LABELS[data_variant]}"
     return {
         "png_samples": f"samples.png: {GRID_SAMPLES} samples, decoder mean at z ~ N(0, I) "
-                       f"({trained})",
+        f"({trained})",
         "png_reconstructions": f"reconstructions.png: alternate rows are {RECONSTRUCTIONS} test "
-                               "images (seeded choice) and their "
-                               f"reconstructions, decoder mean at z = E_q[z|x] ({trained})",
+        "images (seeded choice) and their "
+        f"reconstructions, decoder mean at z = E_q[z|x] ({trained})",
         "png_interpolation": f"interpolation.png: each row a test image, {INTERPOLATION_STEPS} "
-                             "decoder means along the line between the two latent means, the other "
-                             f"test image ({trained})",
+        "decoder means along the line between the two latent means, the other "
+        f"test image ({trained})",
         "png_latent_map": "latent_map.png: E_q[z|x] of the test images, first two principal "
-                          "components when latent_dim > 2, coloured by true label (legend row: "
-                          f"digits 0-9 left to right, tab10 colours) ({trained})",
+        "components when latent_dim > 2, coloured by true label (legend row: "
+        f"digits 0-9 left to right, tab10 colours) ({trained})",
     }
 
 
@@ -154,60 +162,72 @@ def evaluate_model(
 
     with torch.inference_mode():
         elbo = elbo_summary(model, x_test, seed=seed, batch_size=eval_batch_size)
-        metrics.update({
-            "test_neg_elbo": elbo.neg_elbo,
-            "test_recon": elbo.recon,
-            "test_kl": elbo.kl,
-            "test_neg_elbo_unit": "nats per image",
-            "test_neg_elbo_estimator": (
-                "ELBO, 1 sample of z per test image, analytic KL: an upper bound on -log p(x)"
-                if is_likelihood else
-                "ELBO of a summed BCE on grey levels, 1 sample of z, analytic KL: not a "
-                "likelihood bound"
-            ),
-        })
+        metrics.update(
+            {
+                "test_neg_elbo": elbo.neg_elbo,
+                "test_recon": elbo.recon,
+                "test_kl": elbo.kl,
+                "test_neg_elbo_unit": "nats per image",
+                "test_neg_elbo_estimator": (
+                    "ELBO, 1 sample of z per test image, analytic KL: an upper bound on -log p(x)"
+                    if is_likelihood
+                    else "ELBO of a summed BCE on grey levels, 1 sample of z, analytic KL: not a "
+                    "likelihood bound"
+                ),
+            }
+        )
         if is_likelihood:
             metrics["test_bits_per_dim"] = elbo.bits_per_dim
             metrics["test_bits_per_dim_estimator"] = "test_neg_elbo / (784 ln 2): an upper bound"
 
         t_iwae = time.perf_counter()
-        iwae = iwae_nll(model, x_test, iwae_k, test_size=iwae_test_size, seed=seed,
-                        max_rows=iwae_max_rows)
+        iwae = iwae_nll(
+            model, x_test, iwae_k, test_size=iwae_test_size, seed=seed, max_rows=iwae_max_rows
+        )
         iwae_seconds = time.perf_counter() - t_iwae
-        subset = (f"{len(iwae.indices)} of {len(x_test)} test images"
-                  + (f" (seeded subset, seed {seed})" if len(iwae.indices) < len(x_test) else ""))
+        subset = f"{len(iwae.indices)} of {len(x_test)} test images" + (
+            f" (seeded subset, seed {seed})" if len(iwae.indices) < len(x_test) else ""
+        )
         if is_likelihood:
             name, per_example_file = "test_nll_iwae", NLL_FILE
-            estimator = (f"IWAE bound with k={iwae_k} importance samples on {subset}: an upper "
-                         "bound on -log p(x) in expectation, tighter as k grows")
+            estimator = (
+                f"IWAE bound with k={iwae_k} importance samples on {subset}: an upper "
+                "bound on -log p(x) in expectation, tighter as k grows"
+            )
         else:
             name, per_example_file = "test_neg_iwae_bce_greylevels", NOT_A_LIKELIHOOD_FILE
-            estimator = (f"iwae_bound_not_a_likelihood: IWAE bound with k={iwae_k} on {subset} "
-                         "of the summed-BCE objective on grey levels")
-        metrics.update({
-            name: iwae.mean,
-            f"{name}_stderr": iwae.stderr,
-            f"{name}_estimator": estimator,
-            "iwae_k": iwae_k,
-            "iwae_test_size": iwae_test_size,
-            "iwae_num_examples": len(iwae.indices),
-            "iwae_seconds": iwae_seconds,
-            "per_example_file": per_example_file,
-            "per_example_index_file": INDEX_FILE,
-        })
+            estimator = (
+                f"iwae_bound_not_a_likelihood: IWAE bound with k={iwae_k} on {subset} "
+                "of the summed-BCE objective on grey levels"
+            )
+        metrics.update(
+            {
+                name: iwae.mean,
+                f"{name}_stderr": iwae.stderr,
+                f"{name}_estimator": estimator,
+                "iwae_k": iwae_k,
+                "iwae_test_size": iwae_test_size,
+                "iwae_num_examples": len(iwae.indices),
+                "iwae_seconds": iwae_seconds,
+                "per_example_file": per_example_file,
+                "per_example_index_file": INDEX_FILE,
+            }
+        )
         if is_likelihood:
             metrics["test_nll_iwae_bits_per_dim"] = float(bits_per_dim(iwae.mean))
         np.save(out_dir / per_example_file, iwae.nll.astype(np.float64))
         np.save(out_dir / INDEX_FILE, iwae.indices.astype(np.int64))
 
         count, _ = active_units(model, x_test, batch_size=eval_batch_size)
-        metrics.update({
-            "active_units": count,
-            "active_units_threshold": ACTIVE_UNIT_THRESHOLD,
-            "latent_dim": int(getattr(model, "latent_dim", 0)),
-            "active_units_estimator": "units u with Cov_x(E_q[z_u|x]) > 0.01 on the test set "
-                                      "(Burda et al. 2015)",
-        })
+        metrics.update(
+            {
+                "active_units": count,
+                "active_units_threshold": ACTIVE_UNIT_THRESHOLD,
+                "latent_dim": int(getattr(model, "latent_dim", 0)),
+                "active_units_estimator": "units u with Cov_x(E_q[z_u|x]) > 0.01 on the test set "
+                "(Burda et al. 2015)",
+            }
+        )
 
         gen = torch.Generator(device=device).manual_seed(seed)
         samples = model.sample(max(num_samples, GRID_SAMPLES), generator=gen).float()
@@ -215,23 +235,40 @@ def evaluate_model(
         # A seeded spread of the test set: stored test sets are often in class order.
         shown = torch.as_tensor(select_subset(len(x_test), RECONSTRUCTIONS, seed))
         save_reconstructions(model, x_test[shown.to(device)], out_dir / "reconstructions.png")
-        pairs = torch.as_tensor(np.random.default_rng(seed).choice(
-            len(x_test), size=(min(INTERPOLATION_PAIRS, len(x_test) // 2), 2), replace=False))
-        save_interpolation(model, x_test[pairs[:, 0]], x_test[pairs[:, 1]],
-                           out_dir / "interpolation.png", steps=INTERPOLATION_STEPS)
+        pairs = torch.as_tensor(
+            np.random.default_rng(seed).choice(
+                len(x_test), size=(min(INTERPOLATION_PAIRS, len(x_test) // 2), 2), replace=False
+            )
+        )
+        save_interpolation(
+            model,
+            x_test[pairs[:, 0]],
+            x_test[pairs[:, 1]],
+            out_dir / "interpolation.png",
+            steps=INTERPOLATION_STEPS,
+        )
         save_model_latent_map(model, x_test, splits.test_labels, out_dir / "latent_map.png")
         metrics.update(_captions(data_variant, likelihood))
 
         if classifier is not None and num_samples > 0:
             classifier = classifier.to(device).eval()
-            report = sample_quality_report(classifier, samples[:num_samples], splits.test_images,
-                                           splits.train_images, num_samples, seed=seed)
+            report = sample_quality_report(
+                classifier,
+                samples[:num_samples],
+                splits.test_images,
+                splits.train_images,
+                num_samples,
+                seed=seed,
+            )
             metrics.update(report)
-            metrics["sq_generated"] = ("decoder mean at z ~ N(0, I) (grey levels in [0, 1]), "
-                                       "against grey-level test images")
+            metrics["sq_generated"] = (
+                "decoder mean at z ~ N(0, I) (grey levels in [0, 1]), "
+                "against grey-level test images"
+            )
         else:
-            metrics["sq_status"] = ("skipped: no classifier given" if classifier is None
-                                    else "skipped: num_samples = 0")
+            metrics["sq_status"] = (
+                "skipped: no classifier given" if classifier is None else "skipped: num_samples = 0"
+            )
         metrics["sq_num_samples"] = int(metrics.get("sq_num_samples", 0))
 
     metrics["eval_seconds"] = time.perf_counter() - t0
@@ -264,18 +301,32 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m vae_core.evaluation.report",
         description="Evaluate a trained VAE: likelihood, sample quality and PNG figures.",
     )
-    parser.add_argument("--model-dir", required=True, type=Path,
-                        help="folder with model.pt and model_config.json")
+    parser.add_argument(
+        "--model-dir", required=True, type=Path, help="folder with model.pt and model_config.json"
+    )
     parser.add_argument("--processed", required=True, type=Path, help="processed-data folder")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--classifier", type=Path, default=None,
-                        help="classifier folder (omit to skip sample quality)")
-    parser.add_argument("--data-variant", choices=DATA_VARIANTS, default=None,
-                        help="default: the data_variant saved in model_config.json")
-    parser.add_argument("--iwae-k", type=int, default=None,
-                        help="default: 5000 on CUDA, 100 on CPU")
-    parser.add_argument("--iwae-test-size", type=int, default=None,
-                        help="0 = the whole test set; default: 0 on CUDA, 1000 on CPU")
+    parser.add_argument(
+        "--classifier",
+        type=Path,
+        default=None,
+        help="classifier folder (omit to skip sample quality)",
+    )
+    parser.add_argument(
+        "--data-variant",
+        choices=DATA_VARIANTS,
+        default=None,
+        help="default: the data_variant saved in model_config.json",
+    )
+    parser.add_argument(
+        "--iwae-k", type=int, default=None, help="default: 5000 on CUDA, 100 on CPU"
+    )
+    parser.add_argument(
+        "--iwae-test-size",
+        type=int,
+        default=None,
+        help="0 = the whole test set; default: 0 on CUDA, 1000 on CPU",
+    )
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -295,15 +346,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data_variant = args.data_variant or saved.get("data_variant")
     if data_variant is None:
-        print(f"error: {args.model_dir / MODEL_CONFIG_NAME} names no data_variant; pass "
-              "--data-variant", file=sys.stderr)
+        print(
+            f"error: {args.model_dir / MODEL_CONFIG_NAME} names no data_variant; pass "
+            "--data-variant",
+            file=sys.stderr,
+        )
         return 2
     default_k, default_size = _default_iwae(device)
     metrics = evaluate_model(
-        model, splits, data_variant, args.out,
+        model,
+        splits,
+        data_variant,
+        args.out,
         iwae_k=args.iwae_k if args.iwae_k is not None else default_k,
         iwae_test_size=args.iwae_test_size if args.iwae_test_size is not None else default_size,
-        num_samples=args.num_samples, seed=args.seed, classifier=classifier,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        classifier=classifier,
     )
     for key, value in metrics.items():
         if isinstance(value, float | int):

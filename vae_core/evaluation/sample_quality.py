@@ -274,23 +274,28 @@ def sample_quality_report(
     feats, probs = {}, {}
     for name, images in sets.items():
         feats[name], probs[name] = predict(classifier, images, batch_size)
-    options = dict(kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, pr_k=pr_k, dc_k=dc_k,
-                   seed=seed)
-    gen_row = quality_metrics(feats["generated"], probs["generated"], feats["reference"],
-                              probs["reference"], **options)
-    ref_row = quality_metrics(feats["train"], probs["train"], feats["reference"],
-                              probs["reference"], **options)
+    options = dict(
+        kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, pr_k=pr_k, dc_k=dc_k, seed=seed
+    )
+    gen_row = quality_metrics(
+        feats["generated"], probs["generated"], feats["reference"], probs["reference"], **options
+    )
+    ref_row = quality_metrics(
+        feats["train"], probs["train"], feats["reference"], probs["reference"], **options
+    )
     report: dict[str, float | int | str] = {f"sq_{k}": v for k, v in gen_row.items()}
     report.update({f"sq_ref_{k}": v for k, v in ref_row.items()})
-    report.update({
-        "sq_num_samples": n,
-        "sq_num_reference": n_ref,
-        "sq_feature_space": FEATURE_SPACE,
-        "sq_rows": "sq_*: generated samples vs test images; sq_ref_*: training images vs test "
-                   "images (the real-versus-real reference), at the same sample sizes",
-        "sq_kid_subsets": 1 if min(n, kid_subset_size) == n_ref == n else kid_subsets,
-        "sq_kid_subset_size": min(kid_subset_size, n, n_ref),
-        "sq_precision_recall_k": pr_k,
-        "sq_density_coverage_k": dc_k,
-    })
+    report.update(
+        {
+            "sq_num_samples": n,
+            "sq_num_reference": n_ref,
+            "sq_feature_space": FEATURE_SPACE,
+            "sq_rows": "sq_*: generated samples vs test images; sq_ref_*: training images vs test "
+            "images (the real-versus-real reference), at the same sample sizes",
+            "sq_kid_subsets": 1 if min(n, kid_subset_size) == n_ref == n else kid_subsets,
+            "sq_kid_subset_size": min(kid_subset_size, n, n_ref),
+            "sq_precision_recall_k": pr_k,
+            "sq_density_coverage_k": dc_k,
+        }
+    )
     return report
