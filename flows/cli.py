@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from flows.params import add_override_argument
 from flows.sweep import add_sweep_parser, cmd_sweep  # light: the sweep loads Prefect lazily
 
 
@@ -105,15 +106,7 @@ def _quiet_prefect_defaults() -> None:
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the training pipeline flow with params.yaml")
-    p.add_argument(
-        "-S",
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a parameter, e.g. -S train.epochs=3",
-    )
+    add_override_argument(p, "override a parameter, e.g. -S train.epochs=3")
     p.add_argument("--workdir", default=".", help="the project folder (params.yaml, dvc.yaml)")
 
 
@@ -205,9 +198,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--limit", type=int, default=1, help="flow runs at a time (they share one workspace)"
     )
-    p.add_argument(
-        "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE"
-    )
+    add_override_argument(p, "override a parameter for every scheduled run")
     p.add_argument("--workdir", default=".")
 
 

@@ -8,6 +8,7 @@ file itself, keeping its comments, so the DVC stages see the same values a run r
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import io
 import math
@@ -416,3 +417,16 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = _scalar(value)
     return out
+
+
+def add_override_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """The `-S key=value` option, repeatable, shared by every command that takes overrides."""
+    parser.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help_text,
+    )

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.params import DEFAULT_PATH, ParamsError, load_params
+from flows.params import DEFAULT_PATH, ParamsError, add_override_argument, load_params
 
 EXIT_BAD_INPUT = 2
 
@@ -79,14 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default=DEFAULT_PATH, help="parameters file (params.yaml)")
-    common.add_argument(
-        "-S",
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a parameter in memory, e.g. -S data.split_seed=1 (repeatable)",
+    add_override_argument(
+        common, "override a parameter in memory, e.g. -S data.split_seed=1 (repeatable)"
     )
     sub = parser.add_subparsers(dest="stage", required=True)
     fetch = sub.add_parser("fetch", parents=[common], help="bring the raw IDX files in")

@@ -41,10 +41,6 @@ WORKSPACE_FILES = (
     "params.yaml",
     "prefect.yaml",
     "pyproject.toml",
-    "data/raw/.gitignore",
-    "data/processed/.gitignore",
-    "data/classifier/.gitignore",
-    "mlruns/.gitkeep",
 )
 WORKSPACE_PACKAGES = ("flows", "vae_core")
 

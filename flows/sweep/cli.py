@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flows.params import add_override_argument
 from flows.sweep.flow import run_sweep
 from flows.sweep.runners import RUNNERS
 from flows.sweep.spec import DEFAULT_SWEEP_FILE
@@ -55,15 +56,7 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run trials that failed in an earlier attempt again (default: keep them failed)",
     )
-    p.add_argument(
-        "-S",
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base parameter for every trial, e.g. -S train.epochs=3",
-    )
+    add_override_argument(p, "override a base parameter for every trial, e.g. -S train.epochs=3")
     p.add_argument("--workdir", default=".", help="the project folder (params.yaml, dvc.yaml)")
 
 
