@@ -10,12 +10,14 @@ was found.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import math
 import os
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -92,6 +94,21 @@ def _read_exact(stream: BinaryIO, n: int, path: Path, what: str, compressed: boo
     return b"".join(parts)
 
 
+@contextlib.contextmanager
+def _open_idx(path: Path) -> Iterator[tuple[BinaryIO, bool]]:
+    """The file's byte stream (decompressed when it is gzip, judged by content) and whether it
+    was compressed; a missing path is refused with the file named."""
+    if not path.is_file():
+        raise IdxFormatError(f"{path}: expected an IDX file, found nothing (missing or not a file)")
+    compressed = is_gzip(path)
+    with open(path, "rb") as raw:
+        if not compressed:
+            yield raw, False
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+            yield stream, True  # type: ignore[misc]
+
+
 def read_idx(path: str | os.PathLike[str], *, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Read one IDX file (gzip detected by its magic bytes) into a native-endian numpy array.
 
@@ -101,16 +118,8 @@ def read_idx(path: str | os.PathLike[str], *, max_bytes: int = MAX_IDX_BYTES) ->
     also stops a gzip bomb after one extra byte).
     """
     path = Path(path)
-    if not path.is_file():
-        raise IdxFormatError(f"{path}: expected an IDX file, found nothing (missing or not a file)")
-    compressed = is_gzip(path)
-    with open(path, "rb") as raw:
-        stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw  # type: ignore[assignment]
-        try:
-            return _parse(stream, path, compressed, max_bytes)
-        finally:
-            if compressed:
-                stream.close()
+    with _open_idx(path) as (stream, compressed):
+        return _parse(stream, path, compressed, max_bytes)
 
 
 def read_idx_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
@@ -120,16 +129,8 @@ def read_idx_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
     unknown dtype code or a bad number of dimensions; the payload is not read or checked.
     """
     path = Path(path)
-    if not path.is_file():
-        raise IdxFormatError(f"{path}: expected an IDX file, found nothing (missing or not a file)")
-    compressed = is_gzip(path)
-    with open(path, "rb") as raw:
-        stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw  # type: ignore[assignment]
-        try:
-            return _parse_header(stream, path, compressed)[1]
-        finally:
-            if compressed:
-                stream.close()
+    with _open_idx(path) as (stream, compressed):
+        return _parse_header(stream, path, compressed)[1]
 
 
 def _parse_header(stream: BinaryIO, path: Path, compressed: bool) -> tuple[int, tuple[int, ...]]:
