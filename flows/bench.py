@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vae_core.models.vae import VAEConfig, build_vae
+from vae_core.config import TrainConfig, VAEConfig
+from vae_core.models.vae import build_vae
 from vae_core.objectives import dataset_elbo
-from vae_core.training.config import TrainConfig
 from vae_core.training.trainer import Trainer, to_unit_float
 
 
@@ -104,13 +104,16 @@ def _continuous_config(batch_size: int, epochs: int, device: str, compile_: bool
         patience=0,
         device=device,
         compile=compile_,
-        progress=False,
     )
 
 
 def project_throughput(splits, batch_size: int, epochs: int, device: str) -> float:
     """Training samples per second of the project's trainer at a given batch size."""
-    trainer = Trainer(build_vae(VAEConfig()), _continuous_config(batch_size, epochs, device, False))
+    trainer = Trainer(
+        build_vae(VAEConfig()),
+        _continuous_config(batch_size, epochs, device, False),
+        progress=False,
+    )
     result = trainer.fit(splits.train_images, splits.val_images[:1000])
     return result.train_samples_per_second
 
@@ -123,7 +126,7 @@ def project_time_to_target(
     The clock includes the per-epoch test evaluation, so the figure is honest wall time.
     """
     config = _continuous_config(batch_size, 1, device, compile_)
-    trainer = Trainer(build_vae(VAEConfig()), config)
+    trainer = Trainer(build_vae(VAEConfig()), config, progress=False)
     x_test = to_unit_float(splits.test_images).to(trainer.device)
     gen = torch.Generator(device=trainer.device)
     train_x = to_unit_float(splits.train_images).to(trainer.device)

@@ -8,60 +8,57 @@ import json
 import sys
 from pathlib import Path
 
-from flows.params import add_override_argument
-from flows.sweep import add_sweep_parser, cmd_sweep  # light: the sweep loads Prefect lazily
+from flows.params import DEFAULT_PATH, add_override_argument, load_params
+from vae_core.errors import VaeError
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a VAE on a data source and write metrics.json")
-    p.add_argument("--source", default="embedded", help="'embedded', 'download' or an IDX folder")
-    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or kmnist")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--data-variant", default="binarized", choices=["binarized", "continuous"])
-    p.add_argument(
-        "--likelihood", default="bernoulli", choices=["bernoulli", "continuous_bernoulli"]
+    p = sub.add_parser(
+        "train",
+        help="train a VAE from params.yaml (no DVC, no MLflow) and write metrics.json",
+        description="Fetch data.source in memory, split it as the prepare stage does, train "
+        "with the model and train sections, and score the test set once (one-sample ELBO). "
+        "Rerun the same command after an interruption and it resumes from the checkpoint.",
     )
-    p.add_argument("--architecture", default="mlp", choices=["mlp", "conv"])
-    p.add_argument("--hidden-sizes", type=int, nargs="+", default=[400])
-    p.add_argument("--latent-dim", type=int, default=20)
-    p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--warmup-epochs", type=int, default=0)
-    p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--val-size", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action="store_true", help="torch.compile the loss")
+    add_override_argument(p, "override a parameter in memory, e.g. -S train.epochs=3")
+    p.add_argument("--params", default=DEFAULT_PATH, help="parameters file (params.yaml)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from vae_core.data import load_splits
-    from vae_core.training import TrainConfig, run_training
+    import torch
 
-    splits = load_splits(args.source, args.dataset, val_size=args.val_size, split_seed=args.seed)
-    model_config = {
-        "architecture": args.architecture,
-        "hidden_sizes": args.hidden_sizes,
-        "latent_dim": args.latent_dim,
-        "likelihood": args.likelihood,
-    }
-    train_config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        beta=args.beta,
-        warmup_epochs=args.warmup_epochs,
-        patience=args.patience,
-        seed=args.seed,
-        device=args.device,
-        compile=args.compile,
-        data_variant=args.data_variant,
+    from vae_core.atomic import atomic_write_text
+    from vae_core.data import load_splits
+    from vae_core.evaluation.likelihood import elbo_summary
+    from vae_core.training import run_training
+    from vae_core.training.run import VARIANT_LABELS, test_inputs
+
+    params = load_params(args.params, args.overrides)
+    data = params.data
+    splits = load_splits(
+        data.source,
+        data.dataset,
+        val_size=data.val_size,
+        split_seed=data.split_seed,
+        binarize_seed=data.binarize_seed,
+        retries=params.fetch.retries,
+        backoff_s=params.fetch.backoff_s,
     )
-    metrics = run_training(splits, model_config, train_config, args.out, resume=not args.no_resume)
-    print(json.dumps(metrics, indent=2))
+    outcome = run_training(splits, params.model, params.train, args.out, resume=not args.no_resume)
+    x_test = test_inputs(splits, params.train.data_variant)
+    with torch.inference_mode():
+        test = elbo_summary(outcome.model, x_test.to(outcome.metrics["device"]), seed=0)
+    metrics = outcome.metrics | {
+        "test_neg_elbo": test.neg_elbo,
+        "test_neg_elbo_estimator": "ELBO, 1 sample of z per test image, analytic KL (nats)",
+        "test_neg_elbo_data_variant": VARIANT_LABELS[params.train.data_variant],
+        "test_size": len(x_test),
+    }
+    text = json.dumps(metrics, indent=2) + "\n"
+    atomic_write_text(Path(args.out) / "metrics.json", text)
+    print(text, end="")
     return 0
 
 
@@ -112,9 +109,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     _quiet_prefect_defaults()
-    from flows.params import load_params
-
-    load_params(Path(args.workdir) / "params.yaml", args.overrides)  # fail fast, before Prefect
+    load_params(Path(args.workdir) / DEFAULT_PATH, args.overrides)  # fail fast, before Prefect
     from flows.pipeline import training_pipeline
 
     result = training_pipeline(overrides=args.overrides, workdir=args.workdir)
@@ -123,18 +118,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _model_name(args: argparse.Namespace) -> str:
-    from flows.params import load_params
     from flows.registry import registered_model_name
 
     if args.model_name:
         return args.model_name
-    return registered_model_name(load_params(Path(args.workdir) / "params.yaml")["data"]["dataset"])
+    return registered_model_name(load_params(Path(args.workdir) / DEFAULT_PATH).data.dataset)
 
 
-def _configure_mlflow(workdir: str) -> None:
-    from flows.tracking import configure
+def _connect_mlflow(workdir: str) -> None:
+    from flows import tracking
 
-    configure(Path(workdir))
+    tracking.connect(tracking.resolve_uri(Path(workdir)))
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -152,7 +146,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from flows.model_io import load_vae
     from vae_core.evaluation.images import save_sample_grid
 
-    _configure_mlflow(args.workdir)
+    _connect_mlflow(args.workdir)
     model = load_vae(args.model)
     images = model.sample(args.num, torch.Generator().manual_seed(args.seed))
     print(save_sample_grid(images, args.out))
@@ -178,7 +172,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
     from flows import registry
 
-    _configure_mlflow(args.workdir)
+    _connect_mlflow(args.workdir)
     actor = args.actor or getpass.getuser()
     name = _model_name(args)
     if args.command == "promote":
@@ -225,6 +219,54 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run (or resume) a hyperparameter sweep: one MLflow child run per trial",
+        description="Grid or random search over model.* and train.* keys (see sweep.yaml and "
+        "docs/sweeps.md). Data are prepared once; finished trials are never run twice.",
+    )
+    p.add_argument("--sweep-file", default="sweep.yaml", help="relative to --workdir")
+    p.add_argument("--max-workers", type=int, default=None, help="trials at once in threads")
+    runner = p.add_mutually_exclusive_group()
+    runner.add_argument(
+        "--dask-address", default=None, metavar="tcp://HOST:PORT", help="an existing Dask cluster"
+    )
+    runner.add_argument(
+        "--dask-workers", type=int, default=None, metavar="N", help="a local Dask cluster of N"
+    )
+    p.add_argument("--retry-failed", action="store_true", help="run failed trials again")
+    add_override_argument(p, "override a base parameter for every trial, e.g. -S train.epochs=3")
+    p.add_argument("--workdir", default=".", help="the project folder (params.yaml, dvc.yaml)")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Run the sweep; print the summary table and the winner. Exit 1 when no trial finished."""
+    _quiet_prefect_defaults()
+    from flows.sweep.flow import run_sweep
+
+    result = run_sweep(
+        args.sweep_file,
+        args.overrides,
+        args.workdir,
+        max_workers=args.max_workers,
+        dask_address=args.dask_address,
+        dask_workers=args.dask_workers,
+        retry_failed=args.retry_failed,
+    )
+    print(result["table_markdown"])
+    best, model, gate = result["best"], result["model"], result["gate"] or {}
+    if model:
+        print(
+            f"\nbest {best['trial']} ({result['metric']} {best[result['metric']]:.4g}) -> "
+            f"{model['name']} v{model['version']}; gate {gate.get('decision')}: "
+            f"{gate.get('reason')}"
+        )
+    else:
+        print(f"\nno winner: {best or 'no comparable finished trial'}", file=sys.stderr)
+    return 0 if result["counts"]["finished"] else 1
+
+
 COMMANDS = {
     "train": (_add_train, _cmd_train),
     "bench": (_add_bench, _cmd_bench),
@@ -233,7 +275,7 @@ COMMANDS = {
     "promote": (_add_promote, _cmd_promote),
     "rollback": (None, _cmd_promote),
     "serve": (_add_serve, _cmd_serve),
-    "sweep": (add_sweep_parser, cmd_sweep),
+    "sweep": (_add_sweep, _cmd_sweep),
 }
 
 
@@ -246,23 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix (bad input, unreachable services): one line each."""
-    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, RuntimeError]
-    if "mlflow" in sys.modules:  # only when a subcommand loaded it: `train` stays light
-        from mlflow.exceptions import MlflowException
-
-        errors.append(MlflowException)
-    return tuple(errors)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except Exception as exc:
-        if not isinstance(exc, _user_errors()):
-            raise
+    except VaeError as exc:  # the project's own errors say what to fix; others keep tracebacks
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

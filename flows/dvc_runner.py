@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vae_core.errors import VaeError
 
-class DvcError(RuntimeError):
+
+class DvcError(VaeError, RuntimeError):
     """A `dvc` command failed; the message carries DVC's own explanation."""
 
 

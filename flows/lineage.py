@@ -11,26 +11,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from flows.params import yaml_load
+from flows.params import read_yaml_mapping
+from flows.workspace import processed_dir, raw_dir
+from vae_core.errors import VaeError
 
 RAW_STAGE = "fetch"
 PROCESSED_STAGE = "prepare"
 
 
-class LineageError(RuntimeError):
+class LineageError(VaeError, RuntimeError):
     """dvc.lock is missing, unreadable, or does not record the data stages."""
-
-
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = yaml_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise LineageError(f"{path}: cannot read {what}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise LineageError(f"{path}: expected {what} as a mapping, found {type(data).__name__}")
-    return data
 
 
 def _stage_out(lock: dict[str, Any], stage: str, lock_path: Path) -> dict[str, Any]:
@@ -61,9 +51,11 @@ def data_lineage(repo_root: str | os.PathLike[str] = ".", dataset: str | None = 
             f"{lock_path}: not found: expected the lock file that `dvc repro` writes; run "
             "`dvc repro` (or `dvc pull` in a fresh clone) first"
         )
-    lock = _read_yaml(lock_path, "the DVC lock file")
+    lock = read_yaml_mapping(lock_path, "the DVC lock file", LineageError)
     params_path = root / "params.yaml"
-    params = _read_yaml(params_path, "parameters") if params_path.is_file() else {}
+    params = (
+        read_yaml_mapping(params_path, "parameters", LineageError) if params_path.is_file() else {}
+    )
     if dataset is None:
         dataset = (params.get("data") or {}).get("dataset")
         if not dataset:
@@ -75,8 +67,8 @@ def data_lineage(repo_root: str | os.PathLike[str] = ".", dataset: str | None = 
     result: dict[str, Any] = {"dataset": dataset, "dvc_lock": str(lock_path)}
     in_sync = True
     for role, stage, expected in (
-        ("raw", RAW_STAGE, f"data/raw/{dataset}"),
-        ("processed", PROCESSED_STAGE, f"data/processed/{dataset}"),
+        ("raw", RAW_STAGE, raw_dir(".", dataset).as_posix()),
+        ("processed", PROCESSED_STAGE, processed_dir(".", dataset).as_posix()),
     ):
         entry = _stage_out(lock, stage, lock_path)
         out = entry["outs"][0]

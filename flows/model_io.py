@@ -16,11 +16,11 @@ caller passes `allow_pickle=True`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import json
 import os
-import pickle
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,8 +36,16 @@ from mlflow.types import Schema, TensorSpec
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vae_core.models.vae import VAE, build_vae
-from vae_core.training.checkpoint import MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME
+from vae_core.errors import VaeError
+from vae_core.models.vae import VAE
+from vae_core.training.checkpoint import (
+    MODEL_CONFIG_NAME,
+    MODEL_WEIGHTS_NAME,
+    ModelFileError,
+    UnsafeWeightsError,
+    read_state_dict,
+    rebuild_vae,
+)
 
 IMAGE_SHAPE = (1, 28, 28)
 SAFETENSORS_NAME = "model.safetensors"
@@ -56,7 +64,7 @@ META_DATA_VARIANT = "vae_data_variant"
 FORWARD_DOC = "reconstruction: decoder mean at z = mu; input (B, 1, 28, 28) float32 in [0, 1]"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(VaeError, RuntimeError):
     """The MLflow model cannot be turned into a VAE (missing, unsafe or inconsistent files)."""
 
 
@@ -96,40 +104,22 @@ def _sha256(path: Path) -> str:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or a weights-only torch file; never unpickles objects."""
+    """A state dict from safetensors (read here: vae_core does not depend on it) or a
+    weights-only torch file (vae_core's reader); never unpickles objects."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_file(str(path), device="cpu")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        raise UnsafeModelError(
-            f"{path}: not a weights-only torch file (refused to unpickle it): {exc}"
-        ) from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"{path}: expected a state dict of tensors, found {type(state)}")
-    return state
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot read the model config: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, found {type(config).__name__}")
-    return config
+    return read_state_dict(path)
 
 
 def _rebuild(weights_path: Path, config_path: Path) -> tuple[VAE, dict[str, Any]]:
-    config = _read_config(config_path)
-    model = build_vae(config)
-    state = _read_weights(weights_path)
+    """vae_core's rebuild_vae with safetensors support, its errors raised as this module's."""
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"{weights_path}: weights do not fit {config_path}: {exc}") from exc
-    return model.eval(), config
+        return rebuild_vae(weights_path, config_path, read_weights=_read_weights)
+    except UnsafeWeightsError as exc:
+        raise UnsafeModelError(str(exc)) from exc
+    except ModelFileError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def _pip_requirements() -> list[str]:
@@ -139,26 +129,18 @@ def _pip_requirements() -> list[str]:
 
 
 def log_vae(
-    model_dir: Path, name: str = "model", input_example: np.ndarray | None = None
+    vae: VAE, data_variant: str, name: str = "model", input_example: np.ndarray | None = None
 ) -> ModelInfo:
-    """Log the VAE saved in model_dir (save_model's layout) to the active MLflow run.
+    """Log a trained VAE to the active MLflow run (the caller's model is left as it was).
 
     The pt2 program serves reconstructions; the safetensors weights and the config beside it
-    rebuild the full VAE (`load_vae`). `input_example` must be a batch of at least two images;
-    by default a seeded random batch.
+    (with the data variant it was trained on) rebuild the full VAE (`load_vae`).
+    `input_example` must be a batch of at least two images; by default a seeded random batch.
     """
     if mlflow.active_run() is None:
         raise RuntimeError("log_vae: expected an active MLflow run (mlflow.start_run), found none")
-    model_dir = Path(model_dir)
-    config_path = model_dir / MODEL_CONFIG_NAME
-    weights_path = model_dir / SAFETENSORS_NAME
-    if not weights_path.is_file():
-        weights_path = model_dir / MODEL_WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: expected a saved model file here, found nothing")
-    vae, config = _rebuild(weights_path, config_path)
-    vae = vae.cpu().float().eval()
+    vae = copy.deepcopy(vae).cpu().float().eval()
+    config = vae.config.to_dict() | {"data_variant": data_variant}
     example = default_input_example() if input_example is None else np.asarray(input_example)
     if example.shape[1:] != IMAGE_SHAPE or len(example) < EXAMPLE_BATCH:
         raise ValueError(

@@ -1,27 +1,57 @@
-"""params.yaml: load it, apply ``key.sub=value`` overrides, validate every key, write it back.
+"""params.yaml as one typed, frozen tree: read it, apply ``key.sub=value`` overrides, check
+every value once, write overrides back keeping the comments.
 
-params.yaml is the single source of truth for the DVC stages and the Prefect flow. Overrides
-work like ``dvc exp run -S key=value``: the value is parsed as YAML, the key must already exist
-(a typo is refused with the nearest known key), and ``write_params`` applies overrides to the
-file itself, keeping its comments, so the DVC stages see the same values a run records.
+    params = load_params("params.yaml", ["train.epochs=3"])
+    params.train.epochs, params.model.latent_dim, params.evaluate.iwae_k
+
+Each section is a dataclass whose fields carry their rules (vae_core.config for the library's
+sections, ``PromoteConfig`` below for the gate); building the tree is the only check, so code
+downstream trusts what it is given. Overrides work like ``dvc exp run -S key=value``: the value
+is parsed as YAML, the key must already exist (a typo is refused with the nearest known key),
+and ``write_params`` applies them to the file itself, so the DVC stages see the values a run
+records.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
 import io
-import math
+import json
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from vae_core.atomic import atomic_write_text
+from vae_core.config import (
+    ClassifierTrainConfig,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    FetchConfig,
+    Section,
+    TrainConfig,
+    VAEConfig,
+    integer,
+    number,
+    one_of,
+    setting,
+)
+from vae_core.errors import VaeError
+
 DEFAULT_PATH = "params.yaml"
+GATE_MODES = ("disabled", "dry-run", "enabled")
+
+
+class ParamsError(ConfigError):
+    """params.yaml or an override is missing, unknown, malformed or out of range."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -41,179 +71,78 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: safe
 
 
-class ParamsError(ValueError):
-    """A parameter is missing, unknown, or has a value outside what is allowed."""
+def yaml_scalar(value: Any) -> str:
+    """A value as its one-line YAML text, which ``-S key=value`` accepts back."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, tuple):
+        value = list(value)
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-# --------------------------------------------------------------------------- validators
-# Each validator returns None when the value is fine, else a phrase saying what is allowed.
+@dataclass(frozen=True)
+class PromoteConfig(Section):
+    """The promotion gate: whether it acts, and how sure it must be (flows.promotion)."""
 
-Validator = Callable[[Any], str | None]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
+    SECTION: ClassVar[str] = "promote"
+    mode: str = setting("enabled", one_of(*GATE_MODES))
+    floor_nll: float = setting(250.0, number())
+    margin_nats: float = setting(0.1, number(0.0))
+    bootstrap_samples: int = setting(2000, integer(1))
+    confidence: float = setting(0.95, number(0.0, 1.0, low_open=True, high_open=True))
 
 
-def int_min(minimum: int) -> Validator:
-    def check(v: Any) -> str | None:
-        return None if _is_int(v) and v >= minimum else f"an integer >= {minimum}"
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml, one attribute per section."""
 
-    return check
+    data: DataConfig
+    fetch: FetchConfig
+    model: VAEConfig
+    train: TrainConfig
+    evaluate: EvalConfig
+    classifier: ClassifierTrainConfig
+    promote: PromoteConfig
 
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: getattr(self, name).to_dict() for name in SECTIONS}
 
-def real_range(
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> Validator:
-    lo = "" if low is None else f"{'(' if low_open else '['}{low:g}"
-    hi = "" if high is None else f"{high:g}{')' if high_open else ']'}"
-    if low is not None and high is not None:
-        text = f"a number in {lo}, {hi}"
-    elif low is not None:
-        text = f"a number {'>' if low_open else '>='} {low:g}"
-    elif high is not None:
-        text = f"a number {'<' if high_open else '<='} {high:g}"
-    else:
-        text = "a finite number"
+    def flat(self) -> dict[str, str]:
+        """Dotted keys with YAML-text values (``{"train.lr": "0.001"}``), as MLflow params
+        want; each ``key=value`` can be fed back as an override."""
+        return {
+            f"{section}.{key}": yaml_scalar(value)
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+        }
 
-    def check(v: Any) -> str | None:
-        if not _is_real(v):
-            return text
-        if low is not None and (v <= low if low_open else v < low):
-            return text
-        if high is not None and (v >= high if high_open else v > high):
-            return text
-        return None
+    def hash(self) -> str:
+        """A short digest of every value: equal parameters, equal hash."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
-    return check
+    def replace(self, overrides: Iterable[str] | Mapping[str, Any]) -> Params:
+        """A copy with overrides applied and checked (a sweep's trial, say)."""
+        return build_params(_apply(self.to_dict(), _normalize(overrides)))
 
 
-def one_of(*choices: str) -> Validator:
-    def check(v: Any) -> str | None:
-        return None if isinstance(v, str) and v in choices else f"one of {', '.join(choices)}"
-
-    return check
-
-
-def boolean(v: Any) -> str | None:
-    return None if isinstance(v, bool) else "true or false"
-
-
-def positive_int_list(v: Any) -> str | None:
-    ok = isinstance(v, list) and v and all(_is_int(x) and x >= 1 for x in v)
-    return None if ok else "a non-empty list of integers >= 1, e.g. [400]"
-
-
-NAMED_SOURCES = ("embedded", "download")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def source_value(v: Any) -> str | None:
-    allowed = "'embedded', 'download', or a folder path holding the four IDX files"
-    if not (isinstance(v, str) and v.strip()):
-        return allowed
-    if v in NAMED_SOURCES or os.path.isdir(v):
-        return None
-    if _URL.match(v):
-        return f"{allowed} (a URL is not a source: download the files into a folder)"
-    if os.sep not in v and "/" not in v:
-        close = difflib.get_close_matches(v.lower(), NAMED_SOURCES, n=1, cutoff=0.6)
-        if close:
-            return f"{allowed} ({v!r} is no folder here and looks like {close[0]!r} misspelled)"
-    return None
-
-
-_DEVICE = re.compile(r"^(auto|cpu|cuda|mps|cuda:\d+)$")
-
-
-def device_value(v: Any) -> str | None:
-    ok = isinstance(v, str) and _DEVICE.match(v)
-    return None if ok else "auto, cpu, cuda, mps or cuda:N"
-
-
-DATASETS = ("mnist", "fashion-mnist", "kmnist")
-
-#: Every known key, by section, with its validator. Adding a key to params.yaml means adding
-#: it here; anything else is refused as a probable typo.
-SCHEMA: dict[str, dict[str, Validator]] = {
-    "data": {
-        "dataset": one_of(*DATASETS),
-        "source": source_value,
-        "val_size": int_min(1),
-        "split_seed": int_min(0),
-        "binarize_seed": int_min(0),
-    },
-    "fetch": {
-        "retries": int_min(0),
-        "backoff_s": real_range(0.0),
-    },
-    "model": {
-        "architecture": one_of("mlp", "conv"),
-        "hidden_sizes": positive_int_list,
-        "latent_dim": int_min(1),
-        "likelihood": one_of("bernoulli", "continuous_bernoulli"),
-    },
-    "train": {
-        "data_variant": one_of("binarized", "continuous"),
-        "epochs": int_min(0),  # 0 trains nothing: a deliberate baseline for the promotion gate
-        "batch_size": int_min(1),
-        "lr": real_range(0.0, 1.0, low_open=True),
-        "beta": real_range(0.0),
-        "warmup_epochs": int_min(0),
-        "patience": int_min(0),  # 0 = no early stopping
-        "seed": int_min(0),
-        "device": device_value,
-        "compile": boolean,
-    },
-    "evaluate": {
-        "iwae_k": int_min(1),
-        "iwae_test_size": int_min(0),  # 0 means the whole test set
-        "num_samples": int_min(1),
-        "seed": int_min(0),
-    },
-    "classifier": {
-        "epochs": int_min(1),
-        "batch_size": int_min(1),
-        "lr": real_range(0.0, 1.0, low_open=True),
-        "seed": int_min(0),
-    },
-    "promote": {
-        "mode": one_of("disabled", "dry-run", "enabled"),
-        "floor_nll": real_range(),
-        "margin_nats": real_range(0.0),
-        "bootstrap_samples": int_min(1),
-        "confidence": real_range(0.0, 1.0, low_open=True, high_open=True),
-    },
-}
-
-KNOWN_KEYS: tuple[str, ...] = tuple(f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys)
-
-
-# --------------------------------------------------------------------------- helpers
+#: Section name -> its dataclass, in params.yaml's order.
+SECTIONS: dict[str, type[Section]] = typing.get_type_hints(Params)
+KNOWN_KEYS: tuple[str, ...] = tuple(f"{s}.{k}" for s, cls in SECTIONS.items() for k in cls.names())
 
 
 def _suggest(key: str) -> str:
     close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.5)
-    if not close:
-        # a bare sub-key ("epochs") or a wrong section: match on the last part
+    if not close:  # a bare sub-key ("epochs") or a wrong section: match on the last part
         tail = key.rsplit(".", 1)[-1]
         close = [k for k in KNOWN_KEYS if k.endswith("." + tail)][:1]
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _check_known(key: str, origin: str) -> tuple[str, str]:
+def _check_known(key: str, origin: str) -> str:
     if key not in KNOWN_KEYS:
         raise ParamsError(f"{origin}: unknown parameter {key!r}{_suggest(key)}")
-    section, sub = key.split(".", 1)
-    return section, sub
+    return key
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -222,8 +151,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not isinstance(text, str) or "=" not in text:
         raise ParamsError(f"override {text!r}: expected the form key.sub=value")
     key, raw = text.split("=", 1)
-    key = key.strip()
-    _check_known(key, f"override {text!r}")
+    key = _check_known(key.strip(), f"override {text!r}")
     try:
         value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
@@ -231,159 +159,136 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _normalize_overrides(
-    overrides: Iterable[str] | Mapping[str, Any],
-) -> list[tuple[str, Any]]:
-    if isinstance(overrides, Mapping):
-        flat: list[tuple[str, Any]] = []
-        for key, value in overrides.items():
-            if isinstance(value, Mapping):  # nested {"data": {"val_size": 5}}
-                for sub, v in value.items():
-                    flat.append((f"{key}.{sub}", v))
-            else:
-                flat.append((key, value))
-        for key, _ in flat:
-            _check_known(key, "override")
-        return flat
+def _normalize(overrides: Iterable[str] | Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``key=value`` strings, or a mapping (dotted keys, or nested by section), as pairs."""
     if isinstance(overrides, str):
         overrides = [overrides]
-    return [parse_override(o) for o in overrides]
+    if not isinstance(overrides, Mapping):
+        return [parse_override(o) for o in overrides]
+    pairs: list[tuple[str, Any]] = []
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            pairs += [(f"{key}.{sub}", v) for sub, v in value.items()]
+        else:
+            pairs.append((key, value))
+    return [(_check_known(key, "override"), value) for key, value in pairs]
 
 
-def apply_overrides(
-    params: dict[str, Any], overrides: Iterable[str] | Mapping[str, Any]
-) -> dict[str, Any]:
-    """Set each overridden key in ``params`` (in place) and return it."""
-    for key, value in _normalize_overrides(overrides):
+def _apply(raw: dict[str, Any], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    for key, value in pairs:
         section, sub = key.split(".", 1)
-        if not isinstance(params.get(section), dict):
+        if not isinstance(raw.get(section), dict):
             raise ParamsError(f"override {key!r}: section {section!r} is missing from params")
-        params[section][sub] = value
-    return params
+        raw[section][sub] = value
+    return raw
 
 
-# --------------------------------------------------------------------------- public API
-
-
-def validate_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Check every section and key: no unknown or missing key, every value of an allowed
-    type and range; raise ``ParamsError`` naming the key, the value and what is allowed."""
-    if not isinstance(params, Mapping):
-        raise ParamsError(f"params: expected a mapping of sections, found {type(params).__name__}")
-    for section, value in params.items():
-        if section not in SCHEMA:
+def build_params(raw: Any) -> Params:
+    """The typed tree from plain data: every section and key present and known, every value
+    allowed; ``ParamsError`` names the key, the value and what is allowed."""
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"params: expected a mapping of sections, found {type(raw).__name__}")
+    for section, values in raw.items():
+        if section not in SECTIONS:
             raise ParamsError(f"params: unknown section {section!r}{_suggest(str(section))}")
-        if not isinstance(value, Mapping):
+        if not isinstance(values, Mapping):
             raise ParamsError(
-                f"params: section {section!r} must be a mapping of keys, found {value!r}"
+                f"params: section {section!r} must be a mapping of keys, found {values!r}"
             )
-        for key in value:
+        for key in values:
             _check_known(f"{section}.{key}", "params")
-    for section, keys in SCHEMA.items():
-        if section not in params:
+    sections = {}
+    for section, cls in SECTIONS.items():
+        if section not in raw:
             raise ParamsError(f"params: missing section {section!r}")
-        for key, check in keys.items():
-            if key not in params[section]:
-                raise ParamsError(f"params: missing key '{section}.{key}'")
-            value = params[section][key]
-            allowed = check(value)
-            if allowed is not None:
-                raise ParamsError(f"{section}.{key} = {value!r} is not allowed: expected {allowed}")
-    if params["data"]["source"] == "embedded" and params["data"]["dataset"] != "mnist":
-        raise ParamsError(
-            f"data.source = 'embedded' holds MNIST digits only, but data.dataset = "
-            f"{params['data']['dataset']!r}: expected data.dataset 'mnist', or data.source "
-            "'download' or a folder"
-        )
-    return dict(params)
+        missing = [k for k in cls.names() if k not in raw[section]]
+        if missing:
+            raise ParamsError(f"params: missing key '{section}.{missing[0]}'")
+        try:
+            sections[section] = cls(**raw[section])
+        except ConfigError as exc:
+            raise ParamsError(str(exc)) from None
+    return Params(**sections)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, what: str, error: type[VaeError] = ParamsError) -> dict[str, Any]:
+    """A YAML file (read as params.yaml is) that must hold a mapping; ``error`` says which file
+    and what is wrong with it."""
     if not path.is_file():
-        raise ParamsError(f"{path}: parameters file not found")
+        raise error(f"{path}: {what} not found")
     try:
         data = yaml_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML ({exc})") from exc
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise error(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections, found {type(data).__name__}")
+        raise error(f"{path}: expected {what} as a mapping, found {type(data).__name__}")
     return data
+
+
+def _check_val_size_fits(params: Params) -> None:
+    """Refuse a ``data.val_size`` that leaves no training image when the source's size is
+    known without fetching (named sources, a folder's IDX header); prepare checks the real
+    count again."""
+    from vae_core.data.sources import train_count_hint
+
+    data = params.data
+    n = train_count_hint(data.source, data.dataset)
+    if n is not None and data.val_size > n - 1:
+        raise ParamsError(
+            f"data.val_size = {data.val_size!r} does not fit the training set of {n} images "
+            f"of data.source = {data.source!r}: expected an integer from 1 to {n - 1} (at "
+            "least one image must remain for training)"
+        )
 
 
 def load_params(
     path: str | os.PathLike[str] = DEFAULT_PATH,
     overrides: Iterable[str] | Mapping[str, Any] = (),
-) -> dict[str, Any]:
-    """Read params.yaml, apply overrides (``key.sub=value``) in memory, validate, return."""
-    params = _read_yaml(Path(path))
+) -> Params:
+    """Read params.yaml, apply overrides in memory, check everything, return the tree."""
+    params = _read(Path(path), _normalize(overrides))
     try:
-        apply_overrides(params, overrides)
-        checked = validate_params(params)
-        check_val_size_fits(checked)
-        return checked
+        _check_val_size_fits(params)
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+    return params
+
+
+def _read(path: Path, pairs: list[tuple[str, Any]]) -> Params:
+    raw = read_yaml_mapping(path, "parameters file")
+    try:
+        return build_params(_apply(raw, pairs))
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from None
 
 
-def check_val_size_fits(params: Mapping[str, Any]) -> None:
-    """Refuse a ``data.val_size`` that leaves no training image, when the size of the source's
-    training set is known without fetching (named sources, or a folder's IDX header); the
-    prepare stage checks the real count again."""
-    from vae_core.data.sources import train_count_hint
-
-    data = params["data"]
-    n = train_count_hint(data["source"], data["dataset"])
-    if n is not None and data["val_size"] > n - 1:
-        raise ParamsError(
-            f"data.val_size = {data['val_size']!r} does not fit the training set of {n} images "
-            f"of data.source = {data['source']!r}: expected an integer from 1 to {n - 1} (at "
-            "least one image must remain for training)"
-        )
-
-
 def write_params(
-    path: str | os.PathLike[str],
-    params_or_overrides: Iterable[str] | Mapping[str, Any],
-) -> dict[str, Any]:
+    path: str | os.PathLike[str], overrides: Iterable[str] | Mapping[str, Any]
+) -> Params:
     """Apply overrides to the params file itself, keeping its comments and layout, atomically.
 
-    Accepts ``key.sub=value`` strings or a mapping (nested by section, or dotted keys). The
-    result is validated before anything is written, so a bad value never reaches the file.
-    Returns the new parameters as plain data.
+    The result is checked before anything is written, so a bad value never reaches the file.
     """
     from ruamel.yaml import YAML  # round-trip loader that keeps comments (dvc depends on it)
     from ruamel.yaml.comments import CommentedSeq
 
     path = Path(path)
-    overrides = _normalize_overrides(params_or_overrides)
-    plain = _read_yaml(path)
-    apply_overrides(plain, dict(overrides))
-    try:
-        validate_params(plain)
-    except ParamsError as exc:
-        raise ParamsError(f"{path}: {exc}") from None
-
+    pairs = _normalize(overrides)
+    params = _read(path, pairs)  # every value checked before the file is touched
     rt = YAML()
     rt.preserve_quotes = True
     doc = rt.load(path.read_text(encoding="utf-8"))
-    for key, value in overrides:
+    for key, value in pairs:
         section, sub = key.split(".", 1)
-        if isinstance(value, list):  # keep lists inline, as [400] is written in the file
+        if isinstance(value, list | tuple):  # keep lists inline, as [400] is written
             value = CommentedSeq(value)
             value.fa.set_flow_style()
         doc[section][sub] = value
         _align_comment(doc[section], sub)
     buf = io.StringIO()
     rt.dump(doc, buf)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return plain
+    atomic_write_text(path, buf.getvalue())
+    return params
 
 
 def _align_comment(mapping: Any, key: str) -> None:
@@ -398,25 +303,6 @@ def _align_comment(mapping: Any, key: str) -> None:
     ]
     if columns:
         own[2].column = max(set(columns), key=columns.count)
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Dotted keys with string values (``{"train.lr": "0.001"}``), as MLflow params want;
-    each value is written as YAML, so ``key=value`` can be fed back as an override."""
-    out: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, prefix=f"{name}."))
-        else:
-            out[name] = _scalar(value)
-    return out
 
 
 def add_override_argument(parser: argparse.ArgumentParser, help_text: str) -> None:

@@ -17,59 +17,47 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.params import DEFAULT_PATH, ParamsError, add_override_argument, load_params
+from flows.params import DEFAULT_PATH, Params, add_override_argument, load_params
+from flows.workspace import processed_dir, raw_dir
+from vae_core.errors import VaeError
 
 EXIT_BAD_INPUT = 2
 
 
-def raw_dir(dataset: str, root: str | Path = ".") -> Path:
-    """Where the fetch stage puts a dataset's raw files."""
-    return Path(root) / "data" / "raw" / dataset
-
-
-def processed_dir(dataset: str, root: str | Path = ".") -> Path:
-    """Where the prepare stage puts a dataset's splits."""
-    return Path(root) / "data" / "processed" / dataset
-
-
-def run_fetch(params: dict[str, Any], out: Path | None = None) -> dict[str, Any]:
-    """The fetch stage: ``params['data']`` names source and dataset, ``params['fetch']`` the
-    retry policy. Returns the manifest."""
+def run_fetch(params: Params, out: Path | None = None) -> dict[str, Any]:
+    """The fetch stage: ``params.data`` names source and dataset, ``params.fetch`` the retry
+    policy. Returns the manifest."""
     from vae_core.data.sources import fetch_raw
 
-    data, fetch = params["data"], params["fetch"]
-    dest = out if out is not None else raw_dir(data["dataset"])
+    data = params.data
     return fetch_raw(
-        data["source"],
-        data["dataset"],
-        dest,
-        retries=fetch["retries"],
-        backoff_s=fetch["backoff_s"],
+        data.source,
+        data.dataset,
+        out if out is not None else raw_dir(".", data.dataset),
+        retries=params.fetch.retries,
+        backoff_s=params.fetch.backoff_s,
     )
 
 
-def run_prepare(
-    params: dict[str, Any], raw: Path | None = None, out: Path | None = None
-) -> dict[str, Any]:
+def run_prepare(params: Params, raw: Path | None = None, out: Path | None = None) -> dict[str, Any]:
     """The prepare stage: validate the raw files, split, binarize the test set, save. Returns
     the statistics written to ``stats.json``."""
     from vae_core.data.splits import load_raw, save_arrays, split_arrays
 
-    data = params["data"]
-    raw = raw if raw is not None else raw_dir(data["dataset"])
-    out = out if out is not None else processed_dir(data["dataset"])
+    data = params.data
     arrays, indices = split_arrays(
-        *load_raw(raw),
-        val_size=data["val_size"],
-        split_seed=data["split_seed"],
-        binarize_seed=data["binarize_seed"],
+        *load_raw(raw if raw is not None else raw_dir(".", data.dataset)),
+        val_size=data.val_size,
+        split_seed=data.split_seed,
+        binarize_seed=data.binarize_seed,
     )
     extra = {
-        "dataset": data["dataset"],
-        "val_size": data["val_size"],
-        "split_seed": data["split_seed"],
-        "binarize_seed": data["binarize_seed"],
+        "dataset": data.dataset,
+        "val_size": data.val_size,
+        "split_seed": data.split_seed,
+        "binarize_seed": data.binarize_seed,
     }
+    out = out if out is not None else processed_dir(".", data.dataset)
     return save_arrays(arrays, indices, out, extra_stats=extra)
 
 
@@ -93,8 +81,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one stage; return 0 on success, 2 on bad data or parameters (message on stderr)."""
-    from vae_core.data.errors import DataError
-
     args = _parser().parse_args(argv)
     try:
         params = load_params(args.params, args.overrides)
@@ -111,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stats = run_prepare(params, args.raw, args.out)
             c = stats["counts"]
             print(f"prepare: {c['train']} train / {c['val']} val / {c['test']} test images")
-    except (DataError, ParamsError) as exc:
+    except VaeError as exc:  # bad data or parameters: the message says what and where
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

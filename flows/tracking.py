@@ -6,41 +6,69 @@ Tasks log through an explicit run id (MlflowClient), never through a run that mu
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+from vae_core.errors import VaeError
+
+if TYPE_CHECKING:
+    from flows.params import Params
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACT_ROOT = "mlruns"
 
 
-# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; remember what we set ourselves so
-# that a later workspace in the same process is not sent to the first one's database.
-_configured: str | None = None
+ENV_URI = "MLFLOW_TRACKING_URI"
 
 
-def tracking_uri(workdir: Path) -> str:
-    """MLFLOW_TRACKING_URI when the user set it (a server, say), else SQLite in the workspace."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env and env != _configured:
-        return env
-    return f"sqlite:///{Path(workdir).resolve() / DEFAULT_DB}"
+class TrackingUnavailable(VaeError, RuntimeError):
+    """The MLflow tracking backend does not answer."""
 
 
-def configure(workdir: Path) -> MlflowClient:
-    global _configured
-    uri = tracking_uri(workdir)
-    if uri != os.environ.get("MLFLOW_TRACKING_URI"):
-        _configured = uri  # the workspace default, which set_tracking_uri exports below
+def resolve_uri(workdir: Path) -> str:
+    """MLFLOW_TRACKING_URI when the user set it (a server, say), else SQLite in the workspace.
+
+    Resolved once per flow or command and handed to every task as a string."""
+    return os.environ.get(ENV_URI) or f"sqlite:///{Path(workdir).resolve() / DEFAULT_DB}"
+
+
+def connect(uri: str) -> MlflowClient:
+    """A client for ``uri``, with MLflow's fluent API pointed there too (model logging, dataset
+    inputs and system metrics only exist in the fluent API).
+
+    ``mlflow.set_tracking_uri`` also exports the URI as MLFLOW_TRACKING_URI; the variable is put
+    back as it was, so the environment only ever says what the user set, and the next workspace
+    in this process resolves to its own database.
+    """
+    before = os.environ.get(ENV_URI)
     mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop(ENV_URI, None)
+    else:
+        os.environ[ENV_URI] = before
     return MlflowClient(uri)
+
+
+@contextmanager
+def active_run(run_id: str, system_metrics: bool = False) -> Iterator[None]:
+    """Make ``run_id`` MLflow's active run for a block, and leave it RUNNING afterwards.
+
+    The run's status is the flow's to set (FINISHED or FAILED at the very end); the fluent
+    API's own exit would mark it FINISHED between tasks."""
+    mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+    try:
+        yield
+    finally:
+        mlflow.end_run(status="RUNNING")
 
 
 def ensure_reachable(client: MlflowClient) -> None:
@@ -50,7 +78,7 @@ def ensure_reachable(client: MlflowClient) -> None:
     try:
         client.search_experiments(max_results=1)
     except (MlflowException, OSError) as exc:
-        raise RuntimeError(
+        raise TrackingUnavailable(
             f"MLflow tracking backend {client.tracking_uri} is unreachable: {exc}"
         ) from exc
 
@@ -61,8 +89,6 @@ def mark_failed(client: MlflowClient, run_id: str, exc: BaseException) -> None:
     Best effort: when the failure is the backend itself, these calls fail too, and the
     original error is what the user must see.
     """
-    import time
-
     try:
         for mv in client.search_model_versions(f"run_id='{run_id}'"):
             client.delete_model_version(mv.name, mv.version)
@@ -99,11 +125,6 @@ def git_state(workdir: Path) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(bool(status)).lower()}
 
 
-def params_hash(params: dict) -> str:
-    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
 def prefect_context() -> dict[str, str]:
     """The Prefect flow run (and deployment, when scheduled) that is doing the work."""
     from prefect import runtime
@@ -117,16 +138,16 @@ def prefect_context() -> dict[str, str]:
     return tags
 
 
-def lineage_tags(params: dict, lineage: dict, workdir: Path, device: str) -> dict[str, str]:
+def lineage_tags(params: Params, lineage: dict, workdir: Path, device: str) -> dict[str, str]:
     import torch
 
     return {
         **git_state(workdir),
         "dvc.raw_md5": lineage["raw_md5"],
         "dvc.processed_md5": lineage["processed_md5"],
-        "params.hash": params_hash(params),
-        "data.dataset": params["data"]["dataset"],
-        "data.source": str(params["data"]["source"]),
+        "params.hash": params.hash(),
+        "data.dataset": params.data.dataset,
+        "data.source": params.data.source,
         "device": device,
         "torch.version": torch.__version__,
         "python.version": platform.python_version(),
@@ -152,7 +173,7 @@ class EpochLogger:
         from mlflow.entities import Metric
 
         step = int(metrics["epoch"])
-        stamp = int(__import__("time").time() * 1000)
+        stamp = int(time.time() * 1000)
         batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if k != "epoch"]
         self.client.log_batch(self.run_id, metrics=batch)
 
@@ -161,7 +182,7 @@ def log_flat_metrics(client: MlflowClient, run_id: str, metrics: dict, prefix: s
     """Numbers become metrics; strings (labels of data variant and estimator) become tags."""
     from mlflow.entities import Metric, RunTag
 
-    stamp = int(__import__("time").time() * 1000)
+    stamp = int(time.time() * 1000)
     numbers, labels = [], []
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -197,5 +218,5 @@ def log_dataset(run_id: str, lineage: dict, processed_dir: Path, dataset: str) -
 
     source = resolve_dataset_source(str(Path(processed_dir).resolve()))
     ds = MetaDataset(source, name=f"{dataset}-processed", digest=lineage["processed_md5"])
-    with mlflow.start_run(run_id=run_id):
+    with active_run(run_id):
         mlflow.log_input(ds, context="training")

@@ -92,12 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(
                 model,
                 TrainConfig(
-                    epochs=args.train_epochs,
-                    patience=0,
-                    progress=False,
-                    device=str(device),
-                    seed=args.seed,
+                    epochs=args.train_epochs, patience=0, device=str(device), seed=args.seed
                 ),
+                progress=False,
             )
             trainer.fit(splits.train_images, splits.val_images)
             model = trainer.model

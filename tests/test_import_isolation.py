@@ -1,7 +1,9 @@
 """vae_core must run on a bare GPU box: importing all of it pulls in no orchestration code."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 CHECK = """
 import importlib, pkgutil, sys
@@ -20,3 +22,47 @@ def test_vae_core_imports_no_orchestration_packages():
     assert out.returncode == 0, out.stderr
     modules, _ = out.stdout.split(" ", 1)
     assert int(modules) >= 10  # the walk really visited the subpackages' modules
+
+
+def _project_imports(root: Path) -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its body (function-level imports
+    too: a cycle hidden inside a function is still a cycle)."""
+    modules = {}
+    for path in sorted(root.glob("[fv][la]*/**/*.py")):
+        rel = path.relative_to(root).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        modules[".".join(parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            found |= {t for t in targets if t in modules and t != name}
+        graph[name] = found
+    return graph
+
+
+def test_no_import_cycles_between_project_modules():
+    root = Path(__file__).resolve().parents[1]
+    graph = _project_imports(root)
+    assert {"flows.cli", "flows.pipeline", "vae_core.config"} <= set(graph)
+    # A depth-first search that reports the first back edge it meets.
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+
+    def visit(node: str, stack: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*stack, node, nxt]
+            if nxt not in state and (cycle := visit(nxt, [*stack, node])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [])):
+            raise AssertionError("import cycle: " + " -> ".join(cycle))

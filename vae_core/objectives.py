@@ -1,12 +1,13 @@
-"""The ELBO and the importance-weighted (IWAE) bound, per example, in nats.
+"""The ELBO per example, in nats, and the training loss built on it.
 
-Both are sums over pixels and latent dimensions (never means): a mean over pixels silently
-rescales the reconstruction term and turns the objective into a beta-VAE.
+Sums over pixels and latent dimensions (never means): a mean over pixels silently rescales the
+reconstruction term and turns the objective into a beta-VAE. The importance-weighted (IWAE)
+bound lives in one place, `vae_core.evaluation.likelihood.iwae_log_likelihood`, whose
+per-example seeding makes it reproducible across batch and chunk sizes.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -56,47 +57,6 @@ def training_loss(
     terms = elbo_terms(model, x, generator)
     loss = -(terms.log_px_z - beta * terms.kl).mean()
     return loss, terms
-
-
-def _log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z | mu, diag(exp(logvar))) summed over the last dimension."""
-    return -0.5 * (((z - mu).pow(2) / logvar.exp() + logvar + math.log(2 * math.pi)).sum(dim=-1))
-
-
-@torch.no_grad()
-def iwae_bound(
-    model: VAE,
-    x: torch.Tensor,
-    k: int,
-    chunk_size: int = 500,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The IWAE bound log (1/k) sum_i p(x, z_i) / q(z_i|x), per example, float64, shape (B,).
-
-    With k=1 it is a one-sample ELBO; it tightens towards log p(x) as k grows. The k samples
-    are drawn in chunks, and each chunk's log-weights are folded into a running log-sum-exp
-    in float64, so k=5000 needs memory for only chunk_size samples at a time.
-    """
-    if k < 1:
-        raise ValueError(f"evaluate.iwae_k: expected an integer >= 1, found {k}")
-    mu, logvar = model.encode(x)
-    mu, logvar = mu.float(), logvar.float()
-    batch = x.shape[0]
-    running = torch.full((batch,), -math.inf, dtype=torch.float64, device=x.device)
-    done = 0
-    while done < k:
-        n = min(chunk_size, k - done)
-        eps = torch.randn((n, *mu.shape), device=mu.device, generator=generator)
-        z = mu + torch.exp(0.5 * logvar) * eps  # (n, B, D)
-        logits = model.decode(z.reshape(n * batch, -1))
-        x_rep = x.unsqueeze(0).expand(n, *x.shape).reshape(n * batch, *x.shape[1:])
-        log_px_z = model.log_likelihood(x_rep, logits).view(n, batch)
-        log_pz = _log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
-        log_qz_x = _log_normal(z, mu, logvar)
-        log_w = (log_px_z.float() + log_pz - log_qz_x).double()
-        running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
-        done += n
-    return running - math.log(k)
 
 
 @torch.no_grad()

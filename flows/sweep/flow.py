@@ -1,567 +1,442 @@
-"""The sweep's Prefect flow: data prepared once, one child run per trial through the task
-runner, the summary, and the winner through registration and the promotion gate.
-
-The Prefect task and flows (`run_trial`, `sweep_flow`, `sweep_deployment`) are built on first
-access (PEP 562 `__getattr__`), so importing this module does not import Prefect."""
+"""The sweep's Prefect flow: the data prepared once, one MLflow child run per trial through the
+flow's task runner, one summary table, and the winner through registration and the gate."""
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_run_logger, runtime, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.params import (
-    flatten,
-    load_params,
-)
-from flows.sweep.records import (
-    TAG_FAILURE,
-    TAG_KEY,
-    TAG_NAME,
-    TAG_OVERRIDES,
-    TAG_ROLE,
-    TAG_TRIAL,
-    TAG_TRIAL_KEY,
-    TRIAL_MODEL_ARTIFACT,
-    _log_params_once,
-    _set_tags,
-    child_runs,
-    find_parent,
-    is_complete,
-    latest_by_trial,
-)
-from flows.sweep.runners import make_task_runner, prefect_api_for_workers
-from flows.sweep.spec import DEFAULT_SWEEP_FILE, SweepSpec, load_sweep
-from flows.sweep.tables import _log_summary, _summary_markdown, choose_best, trial_row
-from flows.sweep.task import _run_trial_fn
-from flows.sweep.trials import Trial, expand_trials, plan_trials, sweep_key, with_keys, yaml_scalar
+from flows import tracking, workspace
+from flows.params import Params, load_params, yaml_scalar
+from flows.pipeline import evaluate, fetch_data, prepare_data, promote, register, train_model
+from flows.sweep.spec import SELECTABLE_METRICS, SweepError, SweepSpec, load_sweep
+from flows.sweep.trials import Trial, expand_trials, plan_trials, same_family, sweep_key, with_keys
 
-PREFECT_TABLE_KEY = "vae-sweep-summary"
-PREFECT_SUMMARY_KEY = "vae-sweep-result"
+TAG_KEY, TAG_TRIAL_KEY, TAG_COMPLETE = "sweep.key", "sweep.trial_key", "sweep.complete"
+#: Summary columns: (column, metric key in every child run).
+TABLE_METRICS = {name: key for name, (key, _) in SELECTABLE_METRICS.items()} | {
+    "sq_ref_fd": "sq_ref_fd",  # the real-versus-real reference beside sq_fd
+    "epochs": "train.epochs",
+    "images_per_s": "train.train_samples_per_second",
+}
+HEADLINE = ("test_neg_elbo", "test_nll_iwae", "val_neg_elbo")  # version tags metric.*
+REUSED = ("done", "keep-failed")  # what plan_trials says of trials read back, not run
 
 
-def _sweep_flow_fn(
-    sweep_file: str = DEFAULT_SWEEP_FILE,
-    overrides: list[str] | None = None,
-    workdir: str = ".",
-    retry_failed: bool = False,
-    slots: dict | None = None,
-) -> dict[str, Any]:
-    """Prepare the data once, run every unfinished trial as a child run through the flow's
-    task runner, tabulate, and send the best trial through registration and the gate."""
-    from filelock import FileLock
-    from prefect import get_run_logger
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    from flows import tracking
-    from flows.params import write_params
-    from flows.pipeline import (
-        LOCK_NAME,
-        fetch_data,
-        prepare_data,
-        processed_path,
-        promote,
-        register,
-    )
-    from vae_core.data.idx import atomic_write_bytes
-
-    logger = get_run_logger()
-    root = Path(workdir).resolve()
-    overrides = list(overrides or [])
-    slots = dict(slots or {"default": 1})
-    sweep_path = Path(sweep_file) if Path(sweep_file).is_absolute() else root / sweep_file
-    spec = load_sweep(sweep_path)
-    base = load_params(root / "params.yaml", overrides)  # refuse bad values before any work
-    trials = expand_trials(spec, base)
-    swept = list(dict.fromkeys(k for t in trials for k in t.overrides))
-
-    client = tracking.configure(root)
-    uri = client.tracking_uri  # what the trials must log to, in whatever process they run
-    tracking.ensure_reachable(client)  # an unreachable backend fails here, not after training
-    params_file = root / "params.yaml"
-    with FileLock(str(root / LOCK_NAME)):
-        # As in the pipeline: a sweep that fails puts params.yaml and dvc.lock back, so the next
-        # run does not silently inherit its overrides.
-        saved = {
-            path: path.read_bytes() for path in (params_file, root / "dvc.lock") if path.is_file()
-        }
-        try:
-            # Like `dvc exp run -S`: base overrides go into params.yaml, for the DVC stages.
-            base = write_params(params_file, overrides) if overrides else base
-            fetch_data(str(root))
-            lineage = prepare_data(str(root), base["data"]["dataset"])
-            trials = with_keys(trials, lineage["processed_md5"])
-            key = sweep_key(spec, trials)
-
-            experiment_id = tracking.ensure_experiment(client, base["data"]["dataset"], root)
-            lineage_tags = tracking.lineage_tags(base, lineage, root, "per trial")
-            found = find_parent(client, experiment_id, key)
-            parent_tags = lineage_tags | {
-                TAG_ROLE: "parent",
-                TAG_KEY: key,
-                TAG_NAME: spec.name,
-                "sweep.method": spec.method,
-                "sweep.metric": spec.metric,
-                "sweep.goal": spec.goal,
-                "sweep.num_trials": str(len(trials)),
-                "sweep.file": str(sweep_path),
-            }
-            parent_id = _open_parent(client, experiment_id, found, parent_tags, spec, key, logger)
-            try:
-                result = _run_sweep_body(
-                    client=client,
-                    spec=spec,
-                    trials=trials,
-                    swept=swept,
-                    base=base,
-                    overrides=overrides,
-                    root=root,
-                    uri=uri,
-                    slots=slots,
-                    experiment_id=experiment_id,
-                    parent_id=parent_id,
-                    key=key,
-                    lineage=lineage,
-                    lineage_tags=lineage_tags,
-                    retry_failed=retry_failed,
-                    fresh_parent=found is None,
-                    processed=processed_path(root, base["data"]["dataset"]),
-                    register=register,
-                    promote=promote,
-                    logger=logger,
-                )
-            except BaseException as exc:
-                status = "FAILED" if isinstance(exc, Exception) else "KILLED"
-                _set_tags(client, parent_id, {TAG_FAILURE: f"{type(exc).__name__}: {exc}"})
-                client.set_terminated(parent_id, status, end_time=int(time.time() * 1000))
-                raise
-        except BaseException:
-            for path, content in saved.items():
-                atomic_write_bytes(path, content)
-            raise
-    create_table_artifact(
-        [{k: _json_safe(v) for k, v in row.items()} for row in result["rows"]],
-        key=PREFECT_TABLE_KEY,
-        description=f"sweep {spec.name}: one row per trial (MLflow parent run {parent_id})",
-    )
-    create_markdown_artifact(
-        result["summary_markdown"],
-        key=PREFECT_SUMMARY_KEY,
-        description=f"sweep {spec.name}: winner, registration and promotion gate",
-    )
-    from prefect import runtime
-
-    result["flow_run_id"] = str(runtime.flow_run.id)
-    return {k: v for k, v in result.items() if k != "summary_markdown"}
+def local_cluster_kwargs(n_workers: int) -> dict[str, Any]:
+    """A one-machine Dask cluster: single-threaded worker processes bound to 127.0.0.1."""
+    return {
+        "n_workers": n_workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "host": "127.0.0.1",
+        "dashboard_address": "127.0.0.1:0",
+    }
 
 
-def _open_parent(
-    client: Any,
-    experiment_id: str,
-    found: Any | None,
-    tags: dict[str, str],
-    spec: SweepSpec,
-    key: str,
-    logger: Any,
-) -> str:
-    """A new parent run, or the earlier attempt's (``found``) reopened; returns its id."""
-    if found is None:
-        parent = client.create_run(
-            experiment_id, tags=tags, run_name=f"sweep-{spec.name}-{key[:6]}"
+def task_runner(
+    max_workers: int | None = None, dask_address: str | None = None, dask_workers: int | None = None
+) -> Any:
+    """Threads in this process (one trial at a time unless ``max_workers``), an existing Dask
+    cluster (``dask_address``), or a new local one of ``dask_workers`` processes."""
+    if dask_address and dask_workers:
+        raise SweepError("--dask-workers sizes a local cluster; omit it with --dask-address")
+    for name, value in (("--max-workers", max_workers), ("--dask-workers", dask_workers)):
+        if value is not None and value < 1:
+            raise SweepError(f"{name}: expected an integer >= 1, found {value}")
+    if not (dask_address or dask_workers):
+        return ThreadPoolTaskRunner(max_workers=max_workers or 1)
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(dask_workers or 1))
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    """Every child run of a parent (up to MLflow's 50,000 a search), oldest first."""
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    order = ["attributes.start_time ASC"]
+    return list(client.search_runs([experiment_id], query, max_results=50_000, order_by=order))
+
+
+def is_complete(run: Any) -> bool:
+    return run.info.status == "FINISHED" and run.data.tags.get(TAG_COMPLETE) == "true"
+
+
+def latest_by_trial(children: Sequence[Any]) -> dict[str, Any]:
+    """Per trial key, the run that speaks for it: a complete one, else the newest."""
+    best: dict[str, Any] = {}
+    for run in children:  # oldest first: newer ones replace older ones
+        key = run.data.tags.get(TAG_TRIAL_KEY)
+        if key and not (key in best and is_complete(best[key])):
+            best[key] = run
+    return best
+
+
+@task(name="sweep-trial", task_run_name="trial-{trial.label}", cache_policy=NO_CACHE)
+def run_trial(workdir: str, trial: Trial, run_id: str, tracking_uri: str) -> str:
+    """Train and evaluate one trial into its child run (created by the flow), on whichever
+    worker the task runner picks. Resume is decided from MLflow, hence NO_CACHE."""
+    import torch
+
+    from vae_core.training import pick_device
+
+    client = tracking.connect(tracking_uri)
+    client.update_run(run_id, "RUNNING")
+    try:
+        from distributed import get_worker
+
+        worker = get_worker().address
+    except (ImportError, ValueError):
+        worker = f"pid {os.getpid()}"
+    params = trial.params
+    device = str(pick_device(params.train.device))
+    tags = {"device": device, "torch.num_threads": torch.get_num_threads(), "sweep.worker": worker}
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    try:
+        processed = workspace.processed_dir(workdir, params.data.dataset)
+        if not processed.is_dir():
+            raise FileNotFoundError(
+                f"{processed}: no prepared data on this worker; a worker on another machine "
+                f"needs the project at {workdir} on the same commit and `dvc pull` run there"
+            )
+        get_run_logger().info("trial %s on %s: %s", trial.label, device, trial.override_strings())
+        train = train_model(workdir, params, run_id, tracking_uri)
+        evaluate(workdir, params, run_id, tracking_uri, train["model_dir"])
+    except Exception as exc:
+        tracking.mark_failed(client, run_id, exc)
+        raise
+    except BaseException:  # interrupted: resumable, not failed
+        client.set_terminated(run_id, "KILLED", end_time=int(time.time() * 1000))
+        raise
+    client.set_tag(run_id, "sweep.model_uri", train["model_uri"])
+    client.set_tag(run_id, TAG_COMPLETE, "true")
+    client.set_terminated(run_id, "FINISHED", end_time=int(time.time() * 1000))
+    return run_id
+
+
+def trial_row(trial: Trial, run: Any | None, swept: Sequence[str], reused: bool) -> dict:
+    """One line of the summary table, read back from the trial's child run."""
+    row: dict[str, Any] = {"trial": trial.label}
+    row |= {key: yaml_scalar(trial.overrides.get(key, "")) for key in swept}
+    status = "NOT RUN" if run is None else run.info.status
+    row["status"] = "INCOMPLETE" if status == "FINISHED" and not is_complete(run) else status
+    metrics = run.data.metrics if run is not None else {}
+    for column, key in TABLE_METRICS.items():
+        value = metrics.get(key)
+        row[column] = float(value) if value is not None and math.isfinite(value) else None
+    for column in ("epochs", "images_per_s"):  # counts, not figures
+        row[column] = None if row[column] is None else round(row[column])
+    row |= {"reused": reused, "run_id": run and run.info.run_id, "note": ""}
+    row["note"] = run.data.tags.get("failure.reason", "")[:160] if run is not None else ""
+    return row
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The table, leaving out metric columns no trial has (no classifier: no sq_*)."""
+    empty = {c for c in TABLE_METRICS if all(r[c] is None for r in rows)}
+    columns = [c for c in rows[0] if c not in empty]
+
+    def cell(value: Any) -> str:
+        if isinstance(value, bool) or value is None:
+            return "yes" if value else ""
+        text = f"{value:.2f}" if isinstance(value, float) and 100 <= abs(value) < 1e5 else None
+        text = text or (f"{value:.4g}" if isinstance(value, float) else str(value))
+        return text.replace("|", "/").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def choose_best(
+    spec: SweepSpec, trials: Sequence[Trial], rows: Sequence[dict], base: Params
+) -> tuple[int | None, str]:
+    """Index of the winning trial (or None) and why. Only complete trials of the base's
+    likelihood and data variant compete: only their figures share a scale, and only such a
+    model can be compared with the champion by the promotion gate."""
+    sign = 1 if spec.goal == "min" else -1
+    candidates = [
+        (sign * row[spec.metric], t.index)
+        for t, row in zip(trials, rows, strict=True)
+        if row["status"] == "FINISHED" and row[spec.metric] is not None
+        if same_family(t.params, base)
+    ]
+    if not candidates:
+        return None, (
+            f"no complete trial with a finite {spec.metric} and the base's model.likelihood="
+            f"{base.model.likelihood} / train.data_variant={base.train.data_variant}"
         )
-        _set_tags(client, parent.info.run_id, {"sweep.attempt": 1})
-        return parent.info.run_id
-    parent_id = found.info.run_id
+    word = "lowest" if spec.goal == "min" else "highest"
+    return min(candidates)[1], f"{word} {spec.metric} among {len(candidates)} comparable trial(s)"
+
+
+def _open_parent(client: MlflowClient, experiment_id: str, tags: dict, name: str) -> str:
+    """A new parent run, or the earlier attempt's (the same sweep key) reopened."""
+    query = f"tags.`{TAG_KEY}` = '{tags[TAG_KEY]}' and tags.`sweep.role` = 'parent'"
+    found = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
+    if not found:
+        tags |= {"sweep.attempt": "1"}
+        return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+    parent_id = found[0].info.run_id
     client.update_run(parent_id, "RUNNING")
-    if TAG_FAILURE in found.data.tags:  # the earlier attempt's failure is history now
-        client.delete_tag(parent_id, TAG_FAILURE)
-    attempt = int(found.data.tags.get("sweep.attempt", "1")) + 1
-    _set_tags(client, parent_id, tags | {"sweep.attempt": attempt})
-    logger.info("resuming sweep %s (key %s) in parent run %s", spec.name, key, parent_id)
+    if "failure.reason" in found[0].data.tags:  # the earlier attempt's failure is history now
+        client.delete_tag(parent_id, "failure.reason")
+    tags |= {"sweep.attempt": str(int(found[0].data.tags.get("sweep.attempt", "1")) + 1)}
+    for k, v in tags.items():
+        client.set_tag(parent_id, k, v)
     return parent_id
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def _child_run(client: MlflowClient, ctx: dict, trial: Trial) -> str:
+    """A SCHEDULED child run with the trial's full params (the same names on every child, so
+    MLflow's compare view lines them up) and lineage, before the trial is submitted."""
+    tags = ctx["tags"] | {
+        "mlflow.parentRunId": ctx["parent_id"],
+        "sweep.role": "trial",
+        "sweep.trial": str(trial.index),
+        TAG_TRIAL_KEY: trial.key,
+        "sweep.overrides": " ".join(trial.override_strings()),
+        "params.hash": trial.params.hash(),
+    }
+    run = client.create_run(ctx["experiment_id"], tags=tags, run_name=ctx["name"] + trial.label)
+    run_id = run.info.run_id
+    overrides = " ".join([*ctx["overrides"], *trial.override_strings()])
+    tracking.log_params(client, run_id, trial.params.flat() | {"overrides": overrides})
+    tracking.log_dataset(run_id, ctx["lineage"], ctx["processed"], trial.params.data.dataset)
+    return run_id
 
 
-def _run_sweep_body(
-    *,
-    client: Any,
+def _submit(client: MlflowClient, ctx: dict, todo: list[Trial], plan: dict) -> None:
+    """Child runs for the trials to run (new, or interrupted ones reopened, where the trainer
+    resumes from its checkpoint), then every trial through the flow's task runner."""
+    run_ids = []
+    for t in todo:
+        run_id = plan[t.index][1] or _child_run(client, ctx, t)
+        client.update_run(run_id, "SCHEDULED")
+        run_ids.append(run_id)
+    futures = run_trial.map(unmapped(ctx["root"]), todo, run_ids, unmapped(ctx["uri"]))
+    for future, run_id in zip(futures, run_ids, strict=True):
+        future.wait()
+        state = future.state
+        if not state.is_completed() and client.get_run(run_id).info.status == "SCHEDULED":
+            # The task died without recording it (a lost worker, say): record it here.
+            tracking.mark_failed(client, run_id, RuntimeError(state.message or state.type))
+
+
+def _eval_dir(client: MlflowClient, root: str, run_id: str) -> str:
+    """The trial's evaluation folder: on this disk when it ran here, else downloaded from the
+    run's artifacts (a Dask worker on another machine)."""
+    local = workspace.run_dir(root, run_id) / "evaluation"
+    if (local / "per_example_nll.npy").is_file():
+        return str(local)
+    target = workspace.run_dir(root, run_id) / "downloaded"
+    target.mkdir(parents=True, exist_ok=True)
+    return client.download_artifacts(run_id, "evaluation", str(target))
+
+
+def _register_and_gate(client: MlflowClient, ctx: dict, trial: Trial, row: dict) -> tuple:
+    """The winner registered and sent through the gate, unless an earlier attempt of this
+    sweep already did it for the same run. Returns (model, gate)."""
+    parent_id, run_id, uri = ctx["parent_id"], row["run_id"], ctx["uri"]
+    earlier = client.get_run(parent_id).data.tags
+    if earlier.get("sweep.best_run_id", run_id) != run_id:  # a retried trial beat the winner
+        client.set_tag(earlier["sweep.best_run_id"], "sweep.winner", "superseded")
+    elif earlier.get("gate.decision"):
+        model = {"name": earlier["sweep.model_name"], "version": earlier["sweep.model_version"]}
+        gate = {"decision": earlier["gate.decision"], "reason": earlier.get("gate.reason", "")}
+        return model, gate | {"from_earlier_attempt": True}
+    client.set_tag(parent_id, "sweep.best_run_id", run_id)
+    client.set_tag(parent_id, "sweep.best_trial", trial.label)
+    run_tags = client.get_run(run_id).data.tags  # the trial's lineage, as a pipeline run has
+    tags = {k: v for k, v in run_tags.items() if not k.startswith("mlflow.")}
+    tags |= {f"metric.{k}": f"{row[k]:.4f}" for k in HEADLINE if row[k] is not None}
+    tags |= {"mlflow.run_id": run_id, "sweep.parent_run_id": parent_id}
+    model = register(trial.params, run_id, uri, run_tags["sweep.model_uri"], tags)
+    client.set_tag(parent_id, "sweep.model_name", model["name"])
+    client.set_tag(parent_id, "sweep.model_version", model["version"])
+    eval_dir = _eval_dir(client, ctx["root"], run_id)
+    gate = promote(ctx["root"], trial.params, uri, model["name"], model["version"], eval_dir)
+    client.set_tag(run_id, "sweep.winner", "true")
+    for target in (parent_id, run_id):
+        client.set_tag(target, "gate.decision", gate.get("decision", ""))
+        client.set_tag(target, "gate.reason", gate.get("reason", ""))
+    return model, gate
+
+
+@flow(name="vae-sweep", log_prints=True)
+def sweep_flow(
+    sweep_file: str, overrides: list[str], workdir: str, retry_failed: bool = False
+) -> dict[str, Any]:
+    """Prepare the data once, run every unfinished trial as a child run through the flow's
+    task runner, tabulate, and send the best trial through registration and the gate."""
+    root = Path(workdir).resolve()
+    spec = load_sweep(root / sweep_file)
+    trials = expand_trials(spec, load_params(root / workspace.PARAMS_NAME, overrides))
+    client = tracking.connect(tracking.resolve_uri(root))
+    tracking.ensure_reachable(client)  # an unreachable backend fails here, not after training
+    with workspace.exclusive(root, overrides) as base:
+        fetch_data(str(root))
+        lineage = prepare_data(str(root), base.data.dataset)
+        trials = with_keys(trials, lineage["processed_md5"])
+        key = sweep_key(spec, trials)
+        experiment_id = tracking.ensure_experiment(client, base.data.dataset, root)
+        common = tracking.lineage_tags(base, lineage, root, "per trial")
+        common |= {TAG_KEY: key, "sweep.name": spec.name}
+        parent_tags = common | {
+            "sweep.role": "parent",
+            "sweep.method": spec.method,
+            "sweep.metric": spec.metric,
+            "sweep.goal": spec.goal,
+            "sweep.num_trials": str(len(trials)),
+            "sweep.file": str(root / sweep_file),
+        }
+        parent_id = _open_parent(client, experiment_id, parent_tags, f"sweep-{spec.name}-{key[:6]}")
+        ctx = {
+            "root": str(root),
+            "uri": client.tracking_uri,
+            "tags": common,
+            "parent_id": parent_id,
+            "experiment_id": experiment_id,
+            "name": f"{spec.name}-",
+            "overrides": overrides,
+            "lineage": lineage,
+            "processed": workspace.processed_dir(root, base.data.dataset),
+        }
+        try:
+            result = _sweep(client, ctx, spec, trials, base, retry_failed)
+        except BaseException as exc:
+            tracking.mark_failed(client, parent_id, exc)
+            raise
+    summary = result["summary_markdown"]
+    create_markdown_artifact(summary, key="vae-sweep-summary", description=f"sweep {spec.name}")
+    return result | {"sweep_key": key, "experiment_id": experiment_id}
+
+
+def _sweep(
+    client: MlflowClient,
+    ctx: dict[str, Any],
     spec: SweepSpec,
     trials: list[Trial],
-    swept: list[str],
-    base: dict,
-    overrides: list[str],
-    root: Path,
-    uri: str,
-    slots: dict,
-    experiment_id: str,
-    parent_id: str,
-    key: str,
-    lineage: dict,
-    lineage_tags: dict,
+    base: Params,
     retry_failed: bool,
-    fresh_parent: bool,
-    processed: Path,
-    register: Any,
-    promote: Any,
-    logger: Any,
 ) -> dict[str, Any]:
-    from flows import tracking
+    """Inside the parent run: the definition, the trials still to run, the table, the winner."""
+    logger, parent_id = get_run_logger(), ctx["parent_id"]
+    _log_definition(client, ctx, spec, trials, base)
+    done = latest_by_trial(child_runs(client, ctx["experiment_id"], parent_id))
+    existing = {k: (r.info.run_id, r.info.status, is_complete(r)) for k, r in done.items()}
+    plan = plan_trials(trials, existing, retry_failed)
+    todo = [t for t in trials if plan[t.index][0] not in REUSED]
+    logger.info("sweep %s: %d trial(s), %d to run", spec.name, len(trials), len(todo))
+    _submit(client, ctx, todo, plan)
 
+    latest = latest_by_trial(child_runs(client, ctx["experiment_id"], parent_id))
+    swept = list(dict.fromkeys(k for t in trials for k in t.overrides))
+    rows = [trial_row(t, latest.get(t.key), swept, plan[t.index][0] in REUSED) for t in trials]
+    counts = {
+        "trials": len(trials),
+        "finished": sum(r["status"] == "FINISHED" for r in rows),
+        "failed": sum(r["status"] == "FAILED" for r in rows),
+        "reused": len(trials) - len(todo),
+        "ran": len(todo),
+    }
+    tracking.log_flat_metrics(client, parent_id, {f"sweep.{k}": v for k, v in counts.items()})
+    client.log_text(parent_id, markdown_table(rows), "sweep_summary.md")  # should the gate fail
+    index, why = choose_best(spec, trials, rows, base)
+    client.set_tag(parent_id, "sweep.best_reason", why)
+    model = gate = best = None
+    if index is not None:
+        best = rows[index]
+        tracking.log_flat_metrics(client, parent_id, {f"best.{spec.metric}": best[spec.metric]})
+        model, gate = _register_and_gate(client, ctx, trials[index], best)
+        best["note"] = f"best: {model['name']} v{model['version']}, gate {gate['decision']}"
+        headline = (
+            f"**Winner: {best['trial']}** (run `{best['run_id']}`), {spec.metric} = "
+            f"{best[spec.metric]:.4g}: {why}. Registered as `{model['name']}` version "
+            f"{model['version']}; promotion gate **{gate['decision']}**: {gate.get('reason')}"
+        )
+    else:
+        logger.warning("sweep %s: no winner: %s", spec.name, why)
+        headline = f"No winner: {why}."
+    table = markdown_table(rows)
+    tally = ", ".join(f"{v} {k}" for k, v in counts.items())
+    summary = f"# Sweep `{spec.name}`\n\nMLflow parent run `{parent_id}`: {tally}.\n\n{headline}"
+    client.log_text(parent_id, f"{summary}\n\n{table}", "sweep_summary.md")
+    if not counts["finished"]:
+        client.set_tag(parent_id, "failure.reason", "no trial finished")
+    status = "FINISHED" if counts["finished"] else "FAILED"
+    client.set_terminated(parent_id, status, end_time=int(time.time() * 1000))
+    return {
+        "sweep": spec.name,
+        "parent_run_id": parent_id,
+        "tracking_uri": ctx["uri"],
+        "flow_run_id": str(runtime.flow_run.id),
+        "metric": spec.metric,
+        "counts": counts,
+        "rows": rows,
+        "best": best and {k: best[k] for k in ("trial", "run_id", spec.metric)} | {"reason": why},
+        "model": model,
+        "gate": gate,
+        "table_markdown": table,
+        "summary_markdown": f"{summary}\n\n{table}",
+    }
+
+
+def _log_definition(
+    client: MlflowClient, ctx: dict[str, Any], spec: SweepSpec, trials: list[Trial], base: Params
+) -> None:
+    """The sweep's definition on its parent run: params (the base, the search space), its
+    dataset and ``sweep/sweep.yaml`` (every trial's key and values, the data's md5)."""
+    parent_id, lineage = ctx["parent_id"], ctx["lineage"]
+    space = {f"sweep.space.{k}": yaml_scalar(v) for k, v in spec.parameters.items()}
+    flat = base.flat() | {"overrides": " ".join(ctx["overrides"])} | space
+    flat |= {"sweep.method": spec.method, "sweep.num_trials": str(len(trials))}
+    have = client.get_run(parent_id).data.params  # params are immutable: log the new ones only
+    tracking.log_params(client, parent_id, {k: v for k, v in flat.items() if k not in have})
+    if not have:
+        tracking.log_dataset(parent_id, lineage, ctx["processed"], base.data.dataset)
     definition = {
         "sweep": spec.to_dict(),
-        "base_overrides": overrides,
+        "base_overrides": list(ctx["overrides"]),
         "data": {"processed_md5": lineage["processed_md5"], "raw_md5": lineage["raw_md5"]},
-        "sweep_key": key,
+        "sweep_key": ctx["tags"][TAG_KEY],
         "trials": [
             {"index": t.index, "label": t.label, "key": t.key, "overrides": t.overrides}
             for t in trials
         ],
     }
-    space = {f"sweep.space.{entry}": yaml_scalar(value) for entry, value in spec.parameters.items()}
-    _log_params_once(
-        client,
-        parent_id,
-        flatten(base)
-        | {"overrides": " ".join(overrides)}
-        | space
-        | {"sweep.method": spec.method, "sweep.num_trials": str(len(trials))},
-    )
     client.log_text(parent_id, yaml.safe_dump(definition, sort_keys=False), "sweep/sweep.yaml")
-    client.log_text(
-        parent_id, json.dumps([t.to_dict() for t in trials], indent=2), "sweep/trials.json"
-    )
-    if fresh_parent:
-        tracking.log_dataset(parent_id, lineage, processed, base["data"]["dataset"])
-        client.update_run(parent_id, "RUNNING")
-
-    # What is already done: MLflow is the record (see the package docstring).
-    existing = {
-        k: (r.info.run_id, r.info.status, is_complete(r))
-        for k, r in latest_by_trial(child_runs(client, experiment_id, parent_id)).items()
-    }
-    plan = plan_trials(trials, existing, retry_failed)
-    run_ids: dict[int, str] = {}
-    reused: set[int] = set()
-    for t in trials:
-        action, old_id = plan[t.index]
-        if action in ("done", "keep-failed"):
-            reused.add(t.index)
-            continue
-        if action == "resume" and old_id is not None:
-            # Interrupted: the same child run again; the trainer resumes from its checkpoint.
-            client.update_run(old_id, "SCHEDULED")
-            _set_tags(client, old_id, {"sweep.resumed": "true"})
-            run_ids[t.index] = old_id
-            continue
-        run_ids[t.index] = _create_child(
-            client,
-            experiment_id,
-            parent_id,
-            spec,
-            t,
-            key,
-            overrides,
-            lineage,
-            lineage_tags,
-            processed,
-            base["data"]["dataset"],
-        )
-    logger.info(
-        "sweep %s: %d trial(s), %d already done, %d to run",
-        spec.name,
-        len(trials),
-        len(reused),
-        len(run_ids),
-    )
-
-    run_trial = _prefect_objects()["run_trial"]
-    futures = {
-        t.index: run_trial.with_options(task_run_name=f"trial-{t.label}").submit(
-            str(root), t.to_dict(), run_ids[t.index], uri, slots
-        )
-        for t in trials
-        if t.index in run_ids
-    }
-    for index, future in futures.items():
-        future.wait()
-        state = future.state
-        run = client.get_run(run_ids[index])
-        if not state.is_completed() and run.info.status not in ("FAILED", "KILLED"):
-            # The task died without recording it (a lost worker, say): record it here.
-            reason = state.message or str(state.type)
-            _set_tags(client, run_ids[index], {TAG_FAILURE: reason})
-            client.set_terminated(run_ids[index], "FAILED", end_time=int(time.time() * 1000))
-
-    latest = latest_by_trial(child_runs(client, experiment_id, parent_id))
-    rows = [trial_row(t, latest.get(t.key), swept, t.index in reused) for t in trials]
-    best_index, why = choose_best(spec, trials, rows, base)
-    counts = {
-        "trials": len(trials),
-        "finished": sum(r["status"] == "FINISHED" for r in rows),
-        "failed": sum(r["status"] == "FAILED" for r in rows),
-        "reused": len(reused),
-        "ran": len(futures),
-    }
-    table_md = _log_summary(client, parent_id, rows)  # before registration, in case it fails
-    tracking.log_flat_metrics(client, parent_id, {f"sweep.{k}": v for k, v in counts.items()})
-
-    model = gate = None
-    best_row = None
-    parent_tags = client.get_run(parent_id).data.tags
-    if best_index is not None:
-        best = trials[best_index]
-        best_row = rows[best_index]
-        best_run = latest[best.key]
-        value = best_row[spec.metric]
-        _set_tags(
-            client,
-            parent_id,
-            {
-                "sweep.best_run_id": best_run.info.run_id,
-                "sweep.best_trial": best.label,
-                "sweep.best_reason": why,
-            },
-        )
-        tracking.log_flat_metrics(client, parent_id, {f"best.{spec.metric}": value})
-        same_winner = parent_tags.get("sweep.best_run_id") == best_run.info.run_id
-        if not same_winner and parent_tags.get("sweep.best_run_id"):
-            # A retried trial beat an earlier attempt's winner.
-            _set_tags(client, parent_tags["sweep.best_run_id"], {"sweep.winner": "superseded"})
-        if same_winner and parent_tags.get("sweep.model_version"):
-            model = {
-                "name": parent_tags["sweep.model_name"],
-                "version": parent_tags["sweep.model_version"],
-            }
-            logger.info(
-                "winner %s was registered as %s v%s by an earlier attempt",
-                best.label,
-                model["name"],
-                model["version"],
-            )
-        else:
-            model_dir = _local_model_dir(client, root, best_run.info.run_id)
-            reg_tags = _registration_tags(best_run, best_row, parent_id)
-            model = register(str(root), best.params, best_run.info.run_id, model_dir, reg_tags)
-            _set_tags(
-                client,
-                parent_id,
-                {"sweep.model_name": model["name"], "sweep.model_version": model["version"]},
-            )
-            parent_tags = {}
-        if same_winner and parent_tags.get("gate.decision"):
-            gate = {
-                "decision": parent_tags["gate.decision"],
-                "reason": parent_tags.get("gate.reason", ""),
-                "from_earlier_attempt": True,
-            }
-        else:
-            gate = promote(str(root), best.params, model["name"], model["version"])
-            decision = {
-                "gate.decision": gate.get("decision", ""),
-                "gate.reason": gate.get("reason", ""),
-            }
-            _set_tags(client, parent_id, decision)
-            _set_tags(client, best_run.info.run_id, decision | {"sweep.winner": "true"})
-        for row in rows:
-            if row["trial"] == best.label:
-                row["note"] = (
-                    f"best: {model['name']} v{model['version']}, gate {gate.get('decision')}"
-                )
-        table_md = _log_summary(client, parent_id, rows)
-    else:
-        _set_tags(client, parent_id, {"sweep.best_reason": why})
-        logger.warning("sweep %s: no winner: %s", spec.name, why)
-
-    summary = _summary_markdown(spec, key, parent_id, counts, table_md, best_row, why, model, gate)
-    client.log_text(parent_id, summary, "sweep_result.md")
-    status = "FINISHED" if counts["finished"] else "FAILED"
-    if not counts["finished"]:
-        _set_tags(client, parent_id, {TAG_FAILURE: "no trial finished"})
-    client.set_terminated(parent_id, status, end_time=int(time.time() * 1000))
-    return {
-        "sweep": spec.name,
-        "sweep_key": key,
-        "parent_run_id": parent_id,
-        "experiment_id": experiment_id,
-        "tracking_uri": uri,
-        "metric": spec.metric,
-        "counts": counts,
-        "rows": rows,
-        "best": None
-        if best_row is None
-        else {
-            "trial": best_row["trial"],
-            "run_id": best_row["run_id"],
-            spec.metric: best_row[spec.metric],
-            "reason": why,
-        },
-        "model": model,
-        "gate": gate,
-        "table_markdown": table_md,
-        "summary_markdown": summary,
-    }
-
-
-def _create_child(
-    client: Any,
-    experiment_id: str,
-    parent_id: str,
-    spec: SweepSpec,
-    trial: Trial,
-    key: str,
-    overrides: list[str],
-    lineage: dict,
-    lineage_tags: dict,
-    processed: Path,
-    dataset: str,
-) -> str:
-    """A SCHEDULED child run with the trial's params and lineage, before it is submitted."""
-    from flows import tracking
-
-    tags = lineage_tags | {
-        "mlflow.parentRunId": parent_id,
-        TAG_ROLE: "trial",
-        TAG_KEY: key,
-        TAG_NAME: spec.name,
-        TAG_TRIAL: str(trial.index),
-        TAG_TRIAL_KEY: trial.key,
-        TAG_OVERRIDES: " ".join(trial.override_strings()),
-        "params.hash": tracking.params_hash(trial.params),
-        "device": "unassigned",
-    }
-    run = client.create_run(experiment_id, tags=tags, run_name=f"{spec.name}-{trial.label}")
-    run_id = run.info.run_id
-    # The same keys on every child (the full params), so MLflow's compare view lines them up.
-    tracking.log_params(
-        client,
-        run_id,
-        flatten(trial.params) | {"overrides": " ".join(overrides + trial.override_strings())},
-    )
-    tracking.log_dataset(run_id, lineage, processed, dataset)
-    client.update_run(run_id, "SCHEDULED")
-    return run_id
-
-
-def _local_model_dir(client: Any, root: Path, run_id: str) -> str:
-    """The trial's saved model: on this disk when the trial ran here, else downloaded from
-    the run's artifacts (a Dask worker on another machine)."""
-    local = root / "runs" / run_id / "train" / "model"
-    if (local / "model_config.json").is_file():
-        return str(local)
-    target = root / "runs" / run_id / "downloaded"
-    target.mkdir(parents=True, exist_ok=True)
-    return client.download_artifacts(run_id, TRIAL_MODEL_ARTIFACT, str(target))
-
-
-def _registration_tags(run: Any, row: dict, parent_id: str) -> dict[str, str]:
-    """The version's tags: the trial's lineage (data md5, commit, params hash, Prefect flow
-    run, device) as the pipeline records them, plus where in which sweep it came from."""
-    keep = ("git.", "dvc.", "params.", "data.", "prefect.", "sweep.")
-    tags = {
-        k: v
-        for k, v in run.data.tags.items()
-        if k.startswith(keep) or k in ("device", "torch.version", "python.version")
-    }
-    headline = {
-        f"metric.{k}": f"{row[k]:.4f}"
-        for k in ("test_neg_elbo", "test_nll_iwae", "val_neg_elbo")
-        if row.get(k) is not None
-    }
-    return tags | headline | {"mlflow.run_id": run.info.run_id, "sweep.parent_run_id": parent_id}
-
-
-_PREFECT: dict[str, Any] = {}
-PREFECT_OBJECTS = ("run_trial", "sweep_flow", "sweep_deployment")
-
-
-def _prefect_objects() -> dict[str, Any]:
-    """Build the Prefect task and flows on first use (importing Prefect costs seconds, which
-    every `vae-pipeline` command would otherwise pay when the CLI imports this module)."""
-    if __name__ != "flows.sweep.flow":
-        # Loaded from its path (a deployment's `flows/sweep/flow.py:...` entrypoint): use the
-        # package's module, so Dask workers can import the trial function by its name.
-        import importlib
-
-        return importlib.import_module("flows.sweep.flow")._prefect_objects()
-    if not _PREFECT:
-        from prefect import flow, task
-        from prefect.cache_policies import NO_CACHE
-
-        # NO_CACHE: resume is decided from MLflow by the flow (see the package docstring).
-        _PREFECT["run_trial"] = task(name="sweep-trial", cache_policy=NO_CACHE)(_run_trial_fn)
-        _PREFECT["sweep_flow"] = flow(name="vae-sweep", log_prints=True)(_sweep_flow_fn)
-        _PREFECT["sweep_deployment"] = flow(name="vae-sweep-deployment")(_sweep_deployment_fn)
-    return _PREFECT
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: `from flows.sweep import sweep_flow`
-    if name in PREFECT_OBJECTS:
-        return _prefect_objects()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _sweep_deployment_fn(
-    sweep_file: str = DEFAULT_SWEEP_FILE,
-    overrides: list[str] | None = None,
-    workdir: str = ".",
-    task_runner: str | None = None,
-    max_workers: int | None = None,
-    dask_address: str | None = None,
-    dask_workers: int | None = None,
-    retry_failed: bool = False,
-) -> dict[str, Any]:
-    """What a deployment runs (`flows/sweep/flow.py:sweep_deployment`, picked up by a Prefect worker
-    of a work pool): the CLI's choices as parameters; the sweep itself runs as a subflow with
-    the task runner they name."""
-    return run_sweep(
-        sweep_file,
-        list(overrides or []),
-        workdir,
-        task_runner=task_runner,
-        max_workers=max_workers,
-        dask_address=dask_address,
-        dask_workers=dask_workers,
-        retry_failed=retry_failed,
-    )
 
 
 def run_sweep(
-    sweep_file: str = DEFAULT_SWEEP_FILE,
+    sweep_file: str = "sweep.yaml",
     overrides: Sequence[str] = (),
     workdir: str = ".",
     *,
-    task_runner: str | None = None,
     max_workers: int | None = None,
     dask_address: str | None = None,
     dask_workers: int | None = None,
     retry_failed: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) a sweep through the chosen task runner; returns the flow's result."""
+    """Run (or resume) a sweep on the task runner asked for; returns the flow's result. A bad
+    sweep file, trial value or runner option is refused before Prefect starts."""
     root = Path(workdir).resolve()
-    sweep_path = Path(sweep_file) if Path(sweep_file).is_absolute() else root / sweep_file
-    spec = load_sweep(sweep_path)  # fail fast, before Prefect starts
-    expand_trials(spec, load_params(root / "params.yaml", list(overrides)))
-    choice = make_task_runner(
-        task_runner, max_workers=max_workers, dask_address=dask_address, dask_workers=dask_workers
-    )
-    flow = _prefect_objects()["sweep_flow"].with_options(
-        task_runner=choice.runner, flow_run_name=f"sweep-{spec.name}"
-    )
-    with prefect_api_for_workers(choice.kind):
-        return flow(
-            sweep_file=str(sweep_path),
-            overrides=list(overrides),
-            workdir=str(root),
-            retry_failed=retry_failed,
-            slots=choice.slots,
-        )
+    spec = load_sweep(root / sweep_file)
+    expand_trials(spec, load_params(root / workspace.PARAMS_NAME, list(overrides)))
+    runner = task_runner(max_workers, dask_address, dask_workers)
+    run = sweep_flow.with_options(task_runner=runner, flow_run_name=f"sweep-{spec.name}")
+    return run(str(root / sweep_file), list(overrides), str(root), retry_failed)

@@ -11,14 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from flows.params import KNOWN_KEYS, read_yaml_mapping
+from vae_core.errors import VaeError
 
-from flows.params import (
-    KNOWN_KEYS,
-    yaml_load,
-)
-
-DEFAULT_SWEEP_FILE = "sweep.yaml"
 METHODS = ("grid", "random")
 #: Sections a trial may vary: the data are prepared once per sweep, so data.*, fetch.* and
 #: classifier.* are fixed, and evaluate.* / promote.* must be equal for figures to compare.
@@ -27,18 +22,14 @@ DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 SPEC_KEYS = ("name", "method", "num_trials", "seed", "metric", "parameters")
 
 #: What a sweep can pick its winner by: name -> (metric key in every child run, goal).
-SELECTABLE_METRICS: dict[str, tuple[str, str]] = {
-    "val_neg_elbo": ("train.best_val_neg_elbo", "min"),
-    "test_neg_elbo": ("test_neg_elbo", "min"),
-    "test_nll_iwae": ("test_nll_iwae", "min"),
-    "sq_fd": ("sq_fd", "min"),
-    "sq_kid": ("sq_kid", "min"),
-    "sq_precision": ("sq_precision", "max"),
-    "sq_recall": ("sq_recall", "max"),
-}
+SELECTABLE_METRICS: dict[str, tuple[str, str]] = (
+    {"val_neg_elbo": ("train.best_val_neg_elbo", "min")}
+    | {k: (k, "min") for k in ("test_neg_elbo", "test_nll_iwae", "sq_fd", "sq_kid")}
+    | {k: (k, "max") for k in ("sq_precision", "sq_recall")}
+)
 
 
-class SweepError(ValueError):
+class SweepError(VaeError, ValueError):
     """The sweep file or the trials it defines are not valid."""
 
 
@@ -86,6 +77,10 @@ def _check_key(key: Any, where: str) -> str:
     return key
 
 
+def _is_number(value: Any, integer: bool = False) -> bool:
+    return isinstance(value, int if integer else int | float) and not isinstance(value, bool)
+
+
 def _check_distribution(key: str, value: Mapping) -> None:
     if len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS:
         raise SweepError(
@@ -93,17 +88,12 @@ def _check_distribution(key: str, value: Mapping) -> None:
             f"{{{', '.join(d + ': [low, high]' for d in DISTRIBUTIONS)}}}, found {dict(value)!r}"
         )
     kind, bounds = next(iter(value.items()))
-    ok = (
-        isinstance(bounds, list)
-        and len(bounds) == 2
-        and all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
-        and bounds[0] < bounds[1]
-    )
-    if not ok:
+    numbers = isinstance(bounds, list) and all(_is_number(b) for b in bounds)
+    if not (numbers and len(bounds) == 2 and bounds[0] < bounds[1]):
         raise SweepError(f"parameters.{key}.{kind}: expected [low, high] with low < high")
     if kind == "log_uniform" and bounds[0] <= 0:
         raise SweepError(f"parameters.{key}.log_uniform: expected low > 0, found {bounds[0]}")
-    if kind == "int_uniform" and not all(isinstance(b, int) for b in bounds):
+    if kind == "int_uniform" and not all(_is_number(b, integer=True) for b in bounds):
         raise SweepError(f"parameters.{key}.int_uniform: expected integer bounds")
 
 
@@ -123,10 +113,8 @@ def parse_sweep(data: Any, *, default_name: str = "sweep", origin: str = "sweep"
         data = data["sweep"]
     if not isinstance(data, Mapping):
         raise SweepError(f"{origin}: expected a mapping under 'sweep:', found {data!r}")
-    for key in data:
-        if key not in SPEC_KEYS:
-            hint = _suggest(str(key), SPEC_KEYS)
-            raise SweepError(f"{origin}: unknown sweep option {key!r}{hint}")
+    for key in set(data) - set(SPEC_KEYS):
+        raise SweepError(f"{origin}: unknown sweep option {key!r}{_suggest(str(key), SPEC_KEYS)}")
     name = str(data.get("name") or default_name)
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise SweepError(f"{origin}: name {name!r}: use letters, digits, '-', '_' or '.'")
@@ -141,24 +129,17 @@ def parse_sweep(data: Any, *, default_name: str = "sweep", origin: str = "sweep"
         )
     num_trials = data.get("num_trials")
     seed = data.get("seed", 0)
-    if method == "random":
-        if not isinstance(num_trials, int) or isinstance(num_trials, bool) or num_trials < 1:
-            raise SweepError(f"{origin}: method random needs num_trials, an integer >= 1")
-    elif num_trials is not None:
+    if method == "random" and not (_is_number(num_trials, integer=True) and num_trials >= 1):
+        raise SweepError(f"{origin}: method random needs num_trials, an integer >= 1")
+    if method != "random" and num_trials is not None:
         raise SweepError(f"{origin}: num_trials applies to method random only (grid runs all)")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if not (_is_number(seed, integer=True) and seed >= 0):
         raise SweepError(f"{origin}: seed: expected an integer >= 0, found {seed!r}")
 
     parameters = data.get("parameters")
     if not isinstance(parameters, Mapping) or not parameters:
         raise SweepError(f"{origin}: parameters: expected a mapping of keys to choices")
     owner: dict[str, str] = {}  # dotted key -> the entry that sets it
-
-    def claim(key: str, entry: str) -> None:
-        if key in owner:
-            raise SweepError(f"{origin}: {key!r} is set by both {owner[key]!r} and {entry!r}")
-        owner[key] = entry
-
     for entry, value in parameters.items():
         where = f"{origin}: parameters.{entry}"
         if isinstance(entry, str) and "." not in entry:  # a group of keys set together
@@ -168,42 +149,34 @@ def parse_sweep(data: Any, *, default_name: str = "sweep", origin: str = "sweep"
                     f"{where}: a group (a name without a dot) lists mappings of keys to values, "
                     "e.g. - {model.likelihood: bernoulli, train.data_variant: binarized}"
                 )
-            keys = set(value[0])
+            keys = sorted(value[0])
             for choice in value:
-                if set(choice) != keys:
+                if sorted(choice) != keys:
                     raise SweepError(
-                        f"{where}: every choice must set the same keys ({sorted(keys)}), found "
+                        f"{where}: every choice must set the same keys ({keys}), found "
                         f"{sorted(choice)}"
                     )
-            for key in sorted(keys):
-                claim(_check_key(key, where), entry)
         else:
-            claim(_check_key(entry, where), entry)
+            keys = [entry]
+        for key in keys:
+            if _check_key(key, where) in owner:
+                raise SweepError(f"{origin}: {key!r} is set by both {owner[key]!r} and {entry!r}")
+            owner[key] = entry
+        if "." in str(entry):
             if isinstance(value, Mapping):
                 if method != "random":
                     raise SweepError(f"{where}: distributions need method random; list values")
                 _check_distribution(entry, value)
             else:
                 _check_choices(where, value)
-    return SweepSpec(
-        name=name,
-        method=method,
-        metric=metric,
-        parameters=copy.deepcopy(dict(parameters)),
-        num_trials=num_trials if method == "random" else None,
-        seed=seed,
-    )
+    parameters = copy.deepcopy(dict(parameters))
+    return SweepSpec(name, method, metric, parameters, num_trials, seed)
 
 
 def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
     """Read and validate a sweep file (a ``sweep:`` section)."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"{path}: sweep file not found")
-    try:
-        data = yaml_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SweepError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(data, Mapping) or "sweep" not in data:
+    data = read_yaml_mapping(path, "sweep file", SweepError)
+    if "sweep" not in data:
         raise SweepError(f"{path}: expected a top-level 'sweep:' section")
     return parse_sweep(data["sweep"], default_name=path.stem, origin=str(path))

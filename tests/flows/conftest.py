@@ -17,16 +17,16 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: What a scratch DVC project needs: the pipeline files and the code its stages run.
+#: What a scratch DVC project needs: the pipeline definition and the code its stages run (every
+#: module of both packages, so a stage's imports and dvc.yaml's code deps are all there).
 PROJECT_FILES = (
     "dvc.yaml",
     "params.yaml",
-    "flows/params.py",
-    "flows/stages.py",
-    "vae_core/data/__init__.py",
-    "vae_core/data/errors.py",
-    "vae_core/data/idx.py",
-    "vae_core/data/sources.py",
-    "vae_core/data/splits.py",
+    *sorted(
+        p.relative_to(REPO_ROOT).as_posix()
+        for pkg in ("flows", "vae_core")
+        for p in (REPO_ROOT / pkg).rglob("*.py")
+    ),
 )
 
 

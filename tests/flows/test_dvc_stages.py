@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from flows import stages
 from flows.lineage import LineageError, data_lineage
@@ -226,9 +227,21 @@ def test_each_bad_input_is_a_clear_error_and_keeps_outputs(
     assert {d: digest(stage_dir / d) for d in ("fetch", "prepare")} == before
 
 
-def test_stage_defaults_follow_the_dataset(tmp_path: Path) -> None:
-    assert stages.raw_dir("kmnist") == Path("data/raw/kmnist")
-    assert stages.processed_dir("mnist", tmp_path) == tmp_path / "data/processed/mnist"
+def test_workspace_paths_are_the_ones_dvc_yaml_writes(tmp_path: Path, repo_root: Path) -> None:
+    from flows import workspace
+
+    assert workspace.raw_dir(".", "kmnist").as_posix() == "data/raw/kmnist"
+    assert workspace.processed_dir(tmp_path, "mnist") == tmp_path / "data/processed/mnist"
+    stages_yaml = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    outs = {
+        name: next(iter(stage["outs"][0])).replace("${data.dataset}", "fashion-mnist")
+        for name, stage in stages_yaml.items()
+    }
+    assert outs == {
+        "fetch": workspace.raw_dir(".", "fashion-mnist").as_posix(),
+        "prepare": workspace.processed_dir(".", "fashion-mnist").as_posix(),
+        "classifier": workspace.classifier_dir(".", "fashion-mnist").as_posix(),
+    }
 
 
 def test_stages_module_stays_light(repo_root: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -10,12 +11,12 @@ import yaml
 
 from flows.params import (
     KNOWN_KEYS,
-    SCHEMA,
+    SECTIONS,
+    Params,
     ParamsError,
-    flatten,
+    build_params,
     load_params,
     parse_override,
-    validate_params,
     write_params,
 )
 
@@ -66,9 +67,23 @@ def params_file(tmp_path: Path, repo_root: Path) -> Path:
 
 
 def test_repo_params_are_the_documented_defaults(repo_root: Path) -> None:
-    assert load_params(repo_root / "params.yaml") == EXPECTED
-    assert set(SCHEMA) == set(EXPECTED)
-    assert {s: set(k) for s, k in SCHEMA.items()} == {s: set(k) for s, k in EXPECTED.items()}
+    params = load_params(repo_root / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.to_dict() == EXPECTED
+    assert list(SECTIONS) == list(EXPECTED)
+    assert {s: set(cls.names()) for s, cls in SECTIONS.items()} == {
+        s: set(k) for s, k in EXPECTED.items()
+    }
+    # The dataclass defaults are the documented defaults too: one place for both.
+    assert {s: cls().to_dict() for s, cls in SECTIONS.items()} == EXPECTED
+
+
+def test_the_tree_is_typed_and_frozen(repo_root: Path) -> None:
+    params = load_params(repo_root / "params.yaml")
+    assert params.train.epochs == 10 and params.evaluate.iwae_k == 100
+    assert params.model.hidden_sizes == (400,)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.train.epochs = 3  # type: ignore[misc]
 
 
 def test_every_key_in_params_yaml_has_a_comment(repo_root: Path) -> None:
@@ -89,12 +104,12 @@ def test_overrides_are_parsed_as_yaml(params_file: Path) -> None:
             "train.device=cuda:1",
         ],
     )
-    assert p["train"]["epochs"] == 3
-    assert p["train"]["lr"] == pytest.approx(0.001)  # YAML 1.2 float, as DVC reads it
-    assert p["train"]["compile"] is True
-    assert p["model"]["hidden_sizes"] == [512, 256]
-    assert p["data"]["source"] == "/data/mnist folder"
-    assert p["train"]["device"] == "cuda:1"
+    assert p.train.epochs == 3
+    assert p.train.lr == pytest.approx(0.001)  # YAML 1.2 float, as DVC reads it
+    assert p.train.compile is True
+    assert p.model.hidden_sizes == (512, 256)
+    assert p.data.source == "/data/mnist folder"
+    assert p.train.device == "cuda:1"
     assert yaml.safe_load(params_file.read_text())["train"]["epochs"] == 10  # file untouched
 
 
@@ -212,26 +227,26 @@ def test_file_level_problems(tmp_path: Path, params_file: Path) -> None:
         load_params(params_file)
 
 
-def test_validate_params_returns_a_copy() -> None:
-    assert validate_params(EXPECTED) == EXPECTED
+def test_build_params_round_trips_plain_data() -> None:
+    assert build_params(EXPECTED).to_dict() == EXPECTED
 
 
 def test_write_params_keeps_comments_and_layout(params_file: Path) -> None:
     before = params_file.read_text().splitlines()
     result = write_params(params_file, ["data.split_seed=7", "model.hidden_sizes=[512, 256]"])
     after = params_file.read_text().splitlines()
-    assert result["data"]["split_seed"] == 7
+    assert result.data.split_seed == 7
     changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
     assert len(changed) == 2
     assert changed[0][1].startswith("  split_seed: 7") and "# seed of the train" in changed[0][1]
     assert changed[1][1].startswith("  hidden_sizes: [512, 256]") and "#" in changed[1][1]
-    assert load_params(params_file)["model"]["hidden_sizes"] == [512, 256]
+    assert load_params(params_file).model.hidden_sizes == (512, 256)
 
 
 def test_write_params_accepts_mappings(params_file: Path) -> None:
     write_params(params_file, {"train": {"epochs": 2}, "data.val_size": 50})
     p = load_params(params_file)
-    assert p["train"]["epochs"] == 2 and p["data"]["val_size"] == 50
+    assert p.train.epochs == 2 and p.data.val_size == 50
 
 
 def test_write_params_refuses_bad_values_without_touching_the_file(params_file: Path) -> None:
@@ -246,7 +261,7 @@ def test_write_params_refuses_bad_values_without_touching_the_file(params_file: 
 
 def test_flatten_gives_dotted_strings_that_round_trip(params_file: Path) -> None:
     params = load_params(params_file)
-    flat = flatten(params)
+    flat = params.flat()
     assert set(flat) == set(KNOWN_KEYS)
     assert flat["train.lr"] == "0.001"
     assert flat["model.hidden_sizes"] == "[400]"
@@ -261,3 +276,16 @@ def test_write_params_round_trip_is_byte_identical(params_file: Path) -> None:
     write_params(params_file, ["data.source=/a/rather/long/folder/path/to/mnist"])
     write_params(params_file, ["data.source=embedded"])
     assert params_file.read_bytes() == before
+
+
+def test_replace_checks_overrides_and_hash_follows_the_values(params_file: Path) -> None:
+    base = load_params(params_file)
+    trial = base.replace({"train.lr": 0.003, "model.latent_dim": 10})
+    assert (trial.train.lr, trial.model.latent_dim) == (0.003, 10)
+    assert base.train.lr == 0.001  # the original is untouched
+    assert trial.hash() != base.hash()
+    assert base.replace(["train.lr=0.001"]).hash() == base.hash()
+    with pytest.raises(ParamsError, match="train.lr = 3 is not allowed"):
+        base.replace(["train.lr=3"])
+    with pytest.raises(ParamsError, match="did you mean 'model.latent_dim'"):
+        base.replace({"model.latent": 3})

@@ -22,9 +22,8 @@ import yaml
 
 from flows.cli import main as cli_main
 from flows.lineage import data_lineage
-from flows.params import flatten, load_params
+from flows.params import load_params
 from flows.pipeline import training_pipeline
-from flows.tracking import params_hash
 
 MODEL = "mnist-vae"
 EXPERIMENT = "vae-mnist"
@@ -123,6 +122,12 @@ def test_worse_second_run_is_registered_but_not_promoted(scenario) -> None:
     figures = gate["figures"]
     assert figures["challenger_mean_nll"] > figures["champion_mean_nll"] + 100  # untrained
     assert figures["mean_improvement"] < 0 and figures["ci_high"] < 0
+    # The gate reused each run's own evaluation: the same examples, the same figures, no
+    # second IWAE pass. The champion's side is run 1's per-example NLL, recomputed on load.
+    run1_nll = scenario.run1.result["metrics"]["test_nll_iwae"]
+    assert figures["challenger_mean_nll"] == pytest.approx(result["metrics"]["test_nll_iwae"])
+    assert figures["champion_mean_nll"] == pytest.approx(run1_nll, rel=1e-5)
+    assert figures["n"] == result["metrics"]["iwae_num_examples"]
 
     # Registered, challenger, and champion did not move.
     assert scenario.aliases_after_runs == {"champion": 1, "challenger": 2}
@@ -164,7 +169,7 @@ def test_lineage_tags_match_dvc_lock_and_git(scenario) -> None:
             "git.commit": scenario.head,
             # The overrides are written into params.yaml (like `dvc exp run -S`): dirty tree.
             "git.dirty": "true",
-            "params.hash": params_hash(params),
+            "params.hash": params.hash(),
             "data.dataset": "mnist",
             "data.source": "embedded",
             "device": "cpu",
@@ -208,7 +213,7 @@ def test_params_metrics_and_artifacts_are_logged(scenario) -> None:
     assert client.get_run(scenario.run2.run_id).info.experiment_id == experiment.experiment_id
 
     # Every parameter (params.yaml flattened with the run's overrides applied), plus them.
-    expected_params = flatten(load_params(scenario.ws / "params.yaml", run1.overrides))
+    expected_params = load_params(scenario.ws / "params.yaml", run1.overrides).flat()
     expected_params["overrides"] = " ".join(run1.overrides)
     assert run.data.params == expected_params
     assert run.data.params["train.epochs"] == "2"
@@ -220,8 +225,10 @@ def test_params_metrics_and_artifacts_are_logged(scenario) -> None:
         assert all(math.isfinite(m.value) for m in history)
     # Final evaluation figures, labelled with their estimator.
     metrics = run.data.metrics
-    for key in ("test_neg_elbo", "test_nll_iwae", "train.test_neg_elbo", "train.best_epoch"):
+    for key in ("test_neg_elbo", "test_nll_iwae", "train.best_val_neg_elbo", "train.best_epoch"):
         assert math.isfinite(metrics[key]), key
+    # Each figure once: the test set is scored by evaluation only, never by training.
+    assert not any(k.startswith("train.test_") for k in metrics), sorted(metrics)
     assert metrics["iwae_k"] == 5 and metrics["iwae_num_examples"] == 200
     assert 50 < metrics["test_nll_iwae"] < 1000
     assert "IWAE" in run.data.tags["test_nll_iwae_estimator"]

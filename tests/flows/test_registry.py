@@ -28,24 +28,28 @@ from flows.model_io import (
     log_vae,
     verify_logged_model,
 )
+from flows.params import PromoteConfig
+from flows.promotion import apply_gate, evaluate_gate, score_champion
 from flows.registry import (
     ALIAS_CHALLENGER,
     ALIAS_CHAMPION,
     ALIAS_PREVIOUS,
     RegistryError,
-    apply_gate,
-    compare_on_same_data,
-    evaluate_gate,
     promote_version,
     register_version,
     registered_model_name,
     rollback,
 )
 from vae_core.models import build_vae
-from vae_core.training import save_model
+from vae_core.training import load_model, save_model
+from vae_core.training.checkpoint import UnsafeWeightsError
 
 PIXEL_RATES = {"good": 0.1, "bad": 0.5, "terrible": 0.95}
-GATE = {"margin_nats": 1.0, "bootstrap_samples": 500, "confidence": 0.95, "seed": 0}
+GATE = {"margin_nats": 1.0, "bootstrap_samples": 500, "confidence": 0.95}
+
+
+def _config(floor: float, mode: str = "enabled") -> PromoteConfig:
+    return PromoteConfig(mode=mode, floor_nll=floor, **GATE)
 
 
 def _tiny_vae(pixel_rate: float) -> torch.nn.Module:
@@ -101,7 +105,7 @@ def logged(backend) -> dict:
         model_dir = backend["root"] / "saved" / label
         save_model(model, model.config.to_dict() | {"data_variant": "binarized"}, model_dir)
         with mlflow.start_run(experiment_id=backend["experiment_id"], run_name=label) as run:
-            info = log_vae(model_dir)
+            info = log_vae(model, "binarized")
         out[label] = {"model": model, "run_id": run.info.run_id, "info": info, "dir": model_dir}
     return out
 
@@ -134,20 +138,18 @@ def _tags(client: MlflowClient, name: str, version: str) -> dict[str, str]:
 
 
 def _gate(logged, client, name, version, champion_version, test_x, floor=1e6, mode="enabled"):
-    """The flow's sequence: compare on the same data, decide, apply."""
-    challenger_uri = f"models:/{name}/{version}"
-    if champion_version is None:
-        challenger = load_vae(challenger_uri)
-        from vae_core.evaluation.likelihood import iwae_log_likelihood
+    """The flow's sequence: the challenger's per-example NLL as evaluation computes it, the
+    champion scored on the same examples and noise, decide, apply."""
+    from vae_core.evaluation.likelihood import iwae_log_likelihood
 
-        decision = evaluate_gate(
-            -iwae_log_likelihood(challenger, test_x, 4, seed=0), None, floor_nll=floor, **GATE
-        )
-    else:
-        ch, champ = compare_on_same_data(
-            challenger_uri, f"models:/{name}@{ALIAS_CHAMPION}", test_x, k=4, seed=0
-        )
-        decision = evaluate_gate(ch, champ, floor_nll=floor, **GATE)
+    indices = np.arange(len(test_x))
+    challenger, config = load_vae_with_config(f"models:/{name}/{version}")
+    challenger_nll = -iwae_log_likelihood(challenger, test_x, 4, seed=0, indices=indices)
+    champion_nll = None
+    if champion_version is not None:
+        champion_uri = f"models:/{name}@{ALIAS_CHAMPION}"
+        champion_nll = score_champion(champion_uri, test_x, indices, config, k=4, seed=0)
+    decision = evaluate_gate(challenger_nll, champion_nll, _config(floor), seed=0)
     apply_gate(client, name, version, decision, mode)
     return decision
 
@@ -272,8 +274,8 @@ def test_dry_run_and_disabled_record_but_move_nothing(backend, logged, name, tes
     tags = _tags(client, name, v3)
     assert (tags["gate.mode"], tags["gate.decision"]) == ("disabled", "not-evaluated")
     assert not any(k.startswith("gate.ci") for k in tags)
-    with pytest.raises(ValueError, match="promote.mode"):
-        apply_gate(client, name, v3, decision, "sometimes")
+    with pytest.raises(ValueError, match="promote.mode = 'sometimes' is not allowed"):
+        _config(1e6, mode="sometimes")
 
 
 def test_manual_promote_and_rollback(backend, logged, name):
@@ -317,7 +319,7 @@ def test_manual_promote_and_rollback(backend, logged, name):
 def test_gate_rules_on_paired_figures():
     rng = np.random.default_rng(0)
     champion = 100 + rng.normal(0, 5, 400)
-    kw = {"floor_nll": 150.0, **GATE}
+    kw = {"gate": _config(150.0), "seed": 0}
     clearly_better = evaluate_gate(champion - 3 + rng.normal(0, 0.5, 400), champion, **kw)
     assert clearly_better.promote and clearly_better.figures["n"] == 400
     below_margin = evaluate_gate(champion - 0.5, champion, **kw)
@@ -340,9 +342,9 @@ def test_pickle_payloads_are_refused(backend, logged, tmp_path):
     torch.save({"weight": _Payload(marker)}, evil_pt)
     (evil_pt.parent / "model_config.json").write_bytes(config.read_bytes())
 
-    # 1. log_vae reads a saved model folder with weights_only=True.
-    with mlflow.start_run(experiment_id=backend["experiment_id"]), pytest.raises(UnsafeModelError):
-        log_vae(evil_pt.parent)
+    # 1. A saved model folder (what evaluation loads) is read with weights_only=True.
+    with pytest.raises(UnsafeWeightsError):
+        load_model(evil_pt.parent)
     # 2. An MLflow model whose weights file beside it is a pickle payload.
     # 3. A pickle-flavoured MLflow model (model.pth) is refused without allow_pickle=True.
     with mlflow.start_run(experiment_id=backend["experiment_id"]) as run:

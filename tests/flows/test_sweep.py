@@ -5,13 +5,13 @@ throw-away git + DVC workspace, and the real `dvc` CLI for the data stages.
 The scenario (run once for the module): a three-trial grid of one-epoch trainings, one of which
 (KL weight 1e38: the loss overflows float32 at the first step) fails, runs on the Dask cluster
 through `run_sweep`; then the same sweep runs again through the `sweep` subcommand, which must
-reuse every trial. Each test reads one aspect back from MLflow, the registry or Prefect. The
-first tests need none of that: they check the sweep file, the trial grid and the task runners.
+reuse every trial, and once more on threads with `retry_failed`, which must run the failed trial
+only. Each test reads one aspect back from MLflow, the registry or Prefect. The first tests need
+none of that: they check the sweep file, the trial grid and the task runners.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import io
@@ -23,24 +23,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from flows.params import load_params
-from flows.sweep import (
-    SweepError,
-    add_sweep_parser,
-    claim_device,
-    cmd_sweep,
-    expand_trials,
-    host_cores,
-    local_cluster_kwargs,
-    make_task_runner,
-    parse_sweep,
-    plan_trials,
-    run_sweep,
-    sweep_deployment,
-    sweep_key,
-    trial_key,
-    with_keys,
-)
+from flows.params import Params, load_params
+from flows.sweep import SweepError, parse_sweep
+from flows.sweep.flow import run_sweep
+from flows.sweep.trials import expand_trials, plan_trials, sweep_key, trial_key, with_keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "mnist-vae"
@@ -68,7 +54,7 @@ WARM_MODULES = ("flows.pipeline", "vae_core.training", "vae_core.evaluation", "f
 
 
 @pytest.fixture(scope="module")
-def base() -> dict:
+def base() -> Params:
     return load_params(REPO_ROOT / "params.yaml")
 
 
@@ -105,12 +91,12 @@ def test_grid_with_a_group_sets_keys_together(base) -> None:
     )
     trials = expand_trials(spec, base)
     assert len(trials) == 4
-    pairs = {(t.params["model"]["likelihood"], t.params["train"]["data_variant"]) for t in trials}
+    pairs = {(t.params.model.likelihood, t.params.train.data_variant) for t in trials}
     assert pairs == {("bernoulli", "binarized"), ("continuous_bernoulli", "continuous")}
-    assert [t.params["model"]["latent_dim"] for t in trials] == [10, 10, 20, 20]
+    assert [t.params.model.latent_dim for t in trials] == [10, 10, 20, 20]
     # everything not swept is the base's
-    assert all(t.params["data"] == base["data"] for t in trials)
-    assert all(t.params["train"]["lr"] == base["train"]["lr"] for t in trials)
+    assert all(t.params.data == base.data for t in trials)
+    assert all(t.params.train.lr == base.train.lr for t in trials)
 
 
 def test_random_search_is_seeded_and_draws_distinct_trials(base) -> None:
@@ -128,7 +114,7 @@ def test_random_search_is_seeded_and_draws_distinct_trials(base) -> None:
     again = expand_trials(parse_sweep(definition), base)
     assert [t.overrides for t in first] == [t.overrides for t in again]
     assert len({json.dumps(t.overrides, sort_keys=True) for t in first}) == 6
-    assert all(0.0001 <= t.params["train"]["lr"] <= 0.01 for t in first)
+    assert all(0.0001 <= t.params.train.lr <= 0.01 for t in first)
     other = expand_trials(parse_sweep(definition | {"seed": 4}), base)
     assert [t.overrides for t in other] != [t.overrides for t in first]
 
@@ -193,49 +179,46 @@ def test_plan_reuses_finished_keeps_failed_and_resumes_interrupted(base) -> None
     assert plan_trials(t, existing, retry_failed=True)[1] == ("new", None)
 
 
-# --------------------------------------------------------------------------- runners, devices
+# --------------------------------------------------------------------------- task runners
 
 
 def test_task_runners() -> None:
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    threads = make_task_runner()
-    assert threads.kind == "threads" and isinstance(threads.runner, ThreadPoolTaskRunner)
-    sequential = make_task_runner("sequential")
-    assert sequential.slots == {"default": 1}
-    assert make_task_runner("threads", max_workers=3).slots == {"default": 3}
+    from flows.sweep.flow import local_cluster_kwargs, task_runner
 
-    local = make_task_runner(dask_workers=2)  # --dask-workers alone implies dask
-    assert local.kind == "dask" and isinstance(local.runner, DaskTaskRunner)
-    kwargs = local.runner.cluster_kwargs
+    threads = task_runner()  # one trial at a time in this process
+    assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 1
+    assert task_runner(max_workers=3)._max_workers == 3
+
+    local = task_runner(dask_workers=2)  # --dask-workers: a new local cluster
+    assert isinstance(local, DaskTaskRunner)
+    kwargs = local.cluster_kwargs
     assert kwargs == local_cluster_kwargs(2)
     assert (kwargs["n_workers"], kwargs["threads_per_worker"], kwargs["processes"]) == (2, 1, True)
     assert kwargs["host"] == "127.0.0.1"
-    assert local.slots == {"default": 2}
-    with pytest.raises(SweepError, match="need --task-runner dask"):
-        make_task_runner("threads", dask_address="tcp://127.0.0.1:8786")
+    remote = task_runner(dask_address="tcp://127.0.0.1:8786")  # --dask-address: as is
+    assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://127.0.0.1:8786"
+    with pytest.raises(SweepError, match="omit it with --dask-address"):
+        task_runner(dask_address="tcp://127.0.0.1:8786", dask_workers=2)
+    with pytest.raises(SweepError, match="--max-workers: expected an integer >= 1"):
+        task_runner(max_workers=0)
 
 
-def test_cpu_trials_split_the_cores() -> None:
-    import torch
-
-    before = torch.get_num_threads()
-    try:
-        with claim_device("cpu", {"default": 2}) as (device, threads):
-            assert device == "cpu"
-            assert threads == max(1, host_cores() // 2) == torch.get_num_threads()
-        with claim_device("cpu", {"default": 64}) as (_, threads):
-            assert threads == 1
-    finally:
-        torch.set_num_threads(before)
+def test_a_bad_sweep_is_refused_before_prefect_starts(tmp_path) -> None:
+    (tmp_path / "params.yaml").write_bytes((REPO_ROOT / "params.yaml").read_bytes())
+    (tmp_path / "bad.yaml").write_text("sweep:\n  parameters: {train.lr: [0.001, 2.0]}\n")
+    with pytest.raises(SweepError, match=r"trial 1 \(train.lr=2.0\)"):
+        run_sweep("bad.yaml", workdir=str(tmp_path))
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 # --------------------------------------------------------------------------- the scenario
 
 
 def snapshot(client, experiment_id: str, parent_id: str) -> dict[str, tuple]:
-    from flows.sweep import child_runs
+    from flows.sweep.flow import child_runs
 
     return {
         r.info.run_id: (r.info.run_name, r.info.status, r.info.start_time, r.info.end_time)
@@ -248,6 +231,8 @@ def dask_cluster(isolated_mlflow_uri):
     """A real single-machine Dask cluster: two worker processes of one thread each. Started
     after the MLflow URI is reset, so the workers inherit no other module's tracking URI."""
     from distributed import Client, LocalCluster
+
+    from flows.sweep.flow import local_cluster_kwargs
 
     kwargs = local_cluster_kwargs(2)
     assert (kwargs["n_workers"], kwargs["threads_per_worker"], kwargs["processes"]) == (2, 1, True)
@@ -281,8 +266,8 @@ def scenario(dask_cluster, prefect_harness, isolated_mlflow_uri, workspace_facto
     versions_after_first = client.search_model_versions(f"name='{MODEL}'")
 
     # The same sweep again, as a person would start it: through the subcommand.
-    parser = argparse.ArgumentParser(prog="vae-pipeline")
-    add_sweep_parser(parser.add_subparsers(dest="command", required=True))
+    from flows.cli import main
+
     argv = ["sweep", "--workdir", str(ws), "--sweep-file", "sweep-tiny.yaml"]
     argv += ["--dask-address", address]
     for override in tiny_overrides:
@@ -290,7 +275,7 @@ def scenario(dask_cluster, prefect_harness, isolated_mlflow_uri, workspace_facto
     out = io.StringIO()
     start = time.monotonic()
     with contextlib.redirect_stdout(out):
-        code = cmd_sweep(parser.parse_args(argv))
+        code = main(argv)
     second_s = time.monotonic() - start
     second = {
         "parent_run_id": first["parent_run_id"],
@@ -300,16 +285,10 @@ def scenario(dask_cluster, prefect_harness, isolated_mlflow_uri, workspace_facto
     after_second = snapshot(client, experiment_id, first["parent_run_id"])
     parent_after_second = client.get_run(first["parent_run_id"])
 
-    # Once more, through the flow a deployment runs (the sweep is its subflow), one trial at a
-    # time in this process, asking for failed trials to run again.
+    # Once more, on the default task runner (one trial at a time in this process), asking for
+    # failed trials to run again.
     start = time.monotonic()
-    third = sweep_deployment(
-        sweep_file="sweep-tiny.yaml",
-        overrides=tiny_overrides,
-        workdir=str(ws),
-        task_runner="sequential",
-        retry_failed=True,
-    )
+    third = run_sweep("sweep-tiny.yaml", tiny_overrides, str(ws), retry_failed=True)
     third_s = time.monotonic() - start
     after_third = snapshot(client, experiment_id, first["parent_run_id"])
     print(
@@ -335,7 +314,7 @@ def scenario(dask_cluster, prefect_harness, isolated_mlflow_uri, workspace_facto
 
 def children(scenario) -> dict[str, object]:
     """Child runs by trial label (t00, t01, ...)."""
-    from flows.sweep import child_runs
+    from flows.sweep.flow import child_runs
 
     runs = child_runs(scenario.client, scenario.experiment_id, scenario.first["parent_run_id"])
     first = [r for r in runs if r.info.run_id in scenario.after_first]
@@ -376,16 +355,18 @@ def test_all_trials_are_child_runs_with_the_same_keys(scenario) -> None:
         next(iter(metric_keys))
     )
 
-    # The trials ran on the cluster's worker processes, each with its share of the cores.
+    # The trials ran on the cluster's worker processes, which split the cores: one thread each
+    # (a Dask worker of one thread starts with OMP_NUM_THREADS=1, which torch follows).
     used = {r.data.tags["sweep.worker"] for r in runs.values()}
     assert used <= scenario.workers, (used, scenario.workers)
     assert all(r.data.tags["device"] == "cpu" for r in runs.values())
-    threads = str(max(1, host_cores() // 2))
-    assert all(r.data.tags["torch.num_threads"] == threads for r in runs.values())
-    # Every finished child carries its model files, so the winner can be registered anywhere.
+    assert all(r.data.tags["torch.num_threads"] == "1" for r in runs.values())
+    # Every finished child carries its logged model and its evaluation, so the winner can be
+    # registered and gated from any machine.
     for run in finished:
-        names = {a.path for a in scenario.client.list_artifacts(run.info.run_id, "trial_model")}
-        assert names == {"trial_model/model.pt", "trial_model/model_config.json"}
+        assert run.data.tags["sweep.model_uri"].startswith("models:/")
+        names = {a.path for a in scenario.client.list_artifacts(run.info.run_id, "evaluation")}
+        assert "evaluation/per_example_nll.npy" in names
 
 
 def test_forced_failure_is_a_failed_child_and_the_others_complete(scenario) -> None:
@@ -421,24 +402,27 @@ def test_parent_holds_the_definition_and_the_summary_table(scenario) -> None:
     assert parent.data.metrics["sweep.finished"] == 2 and parent.data.metrics["sweep.failed"] == 1
 
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
-    assert {"sweep", "sweep_summary.json", "sweep_summary.csv", "sweep_summary.md"} <= artifacts
+    assert {"sweep", "sweep_summary.md"} <= artifacts
     local = Path(client.download_artifacts(parent_id, "sweep/sweep.yaml"))
     definition = yaml.safe_load(local.read_text())
     assert definition["sweep"] == SWEEP["sweep"]
     assert [t["label"] for t in definition["trials"]] == ["t00", "t01", "t02"]
 
-    table = json.loads(Path(client.download_artifacts(parent_id, "sweep_summary.json")).read_text())
-    assert json.loads(tags["mlflow.loggedArtifacts"]) == [
-        {"path": "sweep_summary.json", "type": "table"}
-    ]
-    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    # The latest attempt's summary (the retry's, see the scenario); the first's is checked here.
+    latest = Path(client.download_artifacts(parent_id, "sweep_summary.md")).read_text()
+    assert latest == scenario.third["summary_markdown"]
+    summary = scenario.first["summary_markdown"]
+    assert scenario.first["table_markdown"] in summary and "**Winner: t0" in summary
+    header = scenario.first["table_markdown"].splitlines()[0]
+    rows = scenario.first["rows"]
     assert [r["trial"] for r in rows] == ["t00", "t01", "t02"]
     assert [r["status"] for r in rows] == ["FINISHED", "FINISHED", "FAILED"]
     (winner,) = [r for r in rows if r["run_id"] == scenario.first["best"]["run_id"]]
     assert winner["note"] == "best: mnist-vae v1, gate promote"
     for column in ("model.latent_dim", "train.beta", "val_neg_elbo", "test_nll_iwae", "sq_fd"):
-        assert column in table["columns"]
-    for row in rows:  # each row is read back from its child run
+        assert f"| {column} |" in header
+    for row in rows:  # each row is read back from its child run, and is a line of the table
+        assert f"| {row['trial']} |" in summary and (row["run_id"] in summary)
         run = client.get_run(row["run_id"])
         assert run.data.tags["mlflow.parentRunId"] == parent_id
         assert run.info.run_name == f"tiny-{row['trial']}"
@@ -489,7 +473,6 @@ def test_rerun_reuses_finished_trials(scenario) -> None:
     out = scenario.second["stdout"]
     assert scenario.second["code"] == 0
     assert "| trial | model.latent_dim | train.beta | status |" in out
-    assert f"sweep-tiny-{scenario.first['sweep_key'][:6]}" in out  # the tree's root
     for run_id in scenario.after_first:
         assert run_id in out
     assert f"-> {MODEL} v1; gate promote" in out
@@ -525,10 +508,8 @@ def test_prefect_flow_runs_tasks_and_table_artifact(scenario) -> None:
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
         )
         by_key = {a.key: a for a in artifacts if a.key}
-        data = by_key["vae-sweep-summary"].data
-        rows = json.loads(data) if isinstance(data, str) else data
-        assert [r["trial"] for r in rows] == ["t00", "t01", "t02"]
-        assert "Winner" in by_key["vae-sweep-result"].data
+        summary = by_key["vae-sweep-summary"]
+        assert summary.type == "markdown" and summary.data == scenario.first["summary_markdown"]
 
         # The resumed sweep submitted no trial; the retry submitted the failed one only.
         reruns = client.read_flow_runs(

@@ -5,8 +5,9 @@ tensor for tensor, to those of an uninterrupted run with the same seed (CPU).
 One output folder goes through the whole chain: killed after a random epoch, resumed and
 killed after a later random epoch, then resumed to the end (the epochs and the moment of each
 kill are drawn from a seeded generator: RELIABILITY_KILL_SEED). Each kill lands a random
-moment after the checkpoint appears, so it hits the middle of the next epoch, or the
-checkpoint write itself. Two uninterrupted runs go alongside: the reference, and a second one
+fraction of an epoch's duration (as the checkpoint reports it) after the checkpoint appears, so
+it hits the middle of the next epoch, or the checkpoint write itself, on a fast machine or a
+slow one alike. Two uninterrupted runs go alongside: the reference, and a second one
 that tells a resume problem apart from a run that is not reproducible in the first place.
 """
 
@@ -51,32 +52,19 @@ def write_source(folder: Path) -> None:
 
 
 def command(source: Path, out: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "train",
-        "--source",
-        str(source),
-        "--epochs",
-        str(EPOCHS),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--seed",
-        "0",
-        "--hidden-sizes",
-        "64",
-        "--latent-dim",
-        "4",
-        "--val-size",
-        "100",
-        "--batch-size",
-        "16",
-        "--patience",
-        "0",
-    ]
+    settings = {
+        "data.source": source,
+        "data.val_size": 100,
+        "train.epochs": EPOCHS,
+        "train.device": "cpu",
+        "train.seed": 0,
+        "model.hidden_sizes": "[64]",
+        "model.latent_dim": 4,
+        "train.batch_size": 16,
+        "train.patience": 0,
+    }
+    overrides = [arg for key, value in settings.items() for arg in ("-S", f"{key}={value}")]
+    return [sys.executable, "-m", "flows.cli", "train", *overrides, "--out", str(out)]
 
 
 def env() -> dict[str, str]:
@@ -106,10 +94,20 @@ def start(source: Path, out: Path, log: Path) -> subprocess.Popen:
     )
 
 
+def checkpoint_progress(out: Path) -> tuple[int, float] | None:
+    """(epochs done, seconds the last one took) from last.pt, or None before the first."""
+    try:
+        state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+        return int(state["epoch"]), float(state["history"][-1]["epoch_seconds"])
+    except (FileNotFoundError, EOFError, RuntimeError, KeyError, IndexError, OSError):
+        return None
+
+
 def run_and_kill(
-    source: Path, out: Path, log: Path, after_epoch: int, delay: float
+    source: Path, out: Path, log: Path, after_epoch: int, fraction: float
 ) -> tuple[int | None, int | None]:
-    """Start training; SIGKILL it ``delay`` s after last.pt reaches ``after_epoch``.
+    """Start training; SIGKILL it ``fraction`` of an epoch's duration after last.pt reaches
+    ``after_epoch`` (the duration is the last epoch's, read from the checkpoint).
 
     Returns (return code, checkpoint epoch at death); the return code is None when the process
     finished before it could be killed.
@@ -118,9 +116,9 @@ def run_and_kill(
     deadline = time.monotonic() + 300
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            epoch = checkpoint_epoch(out)
-            if epoch is not None and epoch >= after_epoch:
-                time.sleep(delay)
+            progress = checkpoint_progress(out)
+            if progress is not None and progress[0] >= after_epoch:
+                time.sleep(fraction * progress[1])
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.01)
@@ -151,19 +149,19 @@ def test_sigkill_at_several_epochs_then_resume_gives_identical_weights(tmp_path,
 
     out = tmp_path / "killed"
     targets = sorted(rng.sample(range(1, EPOCHS), KILLS))
-    kills: list[tuple[int, int | None, float]] = []  # (target, epoch at death, delay)
+    kills: list[tuple[int, int | None, float]] = []  # (target, epoch at death, fraction)
     last = 0
     for target in targets:
         target = max(target, last + 1)
         if target >= EPOCHS:
             break
-        delay = round(rng.uniform(0.0, 0.15), 3)
-        rc, died_at = run_and_kill(source, out, logs / f"kill-{target}.log", target, delay)
+        fraction = round(rng.uniform(0.0, 0.5), 3)
+        rc, died_at = run_and_kill(source, out, logs / f"kill-{target}.log", target, fraction)
         assert rc == -signal.SIGKILL, (
             f"the run meant to be killed after epoch {target} ended with {rc} "
             f"(finished before the kill?):\n{(logs / f'kill-{target}.log').read_text()[-2000:]}"
         )
-        kills.append((target, died_at, delay))
+        kills.append((target, died_at, fraction))
         last = died_at or 0
 
     final = start(source, out, logs / "final.log")
@@ -180,8 +178,8 @@ def test_sigkill_at_several_epochs_then_resume_gives_identical_weights(tmp_path,
     litter = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("."))
     record(
         "fault: SIGKILL during training",
-        f"`vae-pipeline train --epochs {EPOCHS} --out DIR` (CPU, seed 0) SIGKILLed "
-        f"{len(kills)} times, {[d for _, _, d in kills]} s after last.pt reached epochs "
+        f"`vae-pipeline train -S train.epochs={EPOCHS} --out DIR` (CPU, seed 0) SIGKILLed "
+        f"{len(kills)} times, {[d for _, _, d in kills]} of an epoch after last.pt reached epochs "
         f"{[t for t, _, _ in kills]}; restarted after each; compared with an uninterrupted run",
         f"checkpoints at death: epochs {died}; final run resumed from epoch "
         f"{metrics['resumed_from_epoch']}; {len(ref)} weight tensors "
@@ -195,9 +193,9 @@ def test_sigkill_at_several_epochs_then_resume_gives_identical_weights(tmp_path,
     assert died == sorted(died) and metrics["resumed_from_epoch"] == died[-1]
     assert metrics["epochs"] == EPOCHS and ref_metrics["resumed_from_epoch"] == 0
     assert repeatable, (
-        "two uninterrupted `vae-pipeline train --seed 0` runs give different weights: the model "
-        "is built (and initialised from torch's global RNG) before Trainer seeds it; seed before "
-        "build_vae in vae_core/training/run.py::run_training"
+        "two uninterrupted `vae-pipeline train -S train.seed=0` runs give different weights: "
+        "the model is built (and initialised from torch's global RNG) before Trainer seeds "
+        "it; seed before build_vae in vae_core/training/run.py::run_training"
     )
     assert same, "resumed weights differ from the uninterrupted run's"
     assert metrics["test_neg_elbo"] == ref_metrics["test_neg_elbo"]

@@ -283,7 +283,6 @@ def test_two_runs_at_once_both_finish_and_stay_consistent(
 ) -> None:
     from flows.lineage import data_lineage
     from flows.params import load_params
-    from flows.tracking import params_hash
 
     ws = pipeline_workspace("concurrent")
     data_before = helpers.tree_digest(ws / "data")
@@ -332,7 +331,7 @@ def test_two_runs_at_once_both_finish_and_stay_consistent(
             "mlflow.run_id": run.info.run_id,
             "dvc.processed_md5": lineage["processed_md5"],
             "dvc.raw_md5": lineage["raw_md5"],
-            "params.hash": params_hash(params),
+            "params.hash": params.hash(),
         }
         if mv.run_id != run.info.run_id:
             problems.append(f"v{version} points at run {mv.run_id}, not {run.info.run_id}")

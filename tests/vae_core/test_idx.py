@@ -77,7 +77,7 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path: Path, monkeypatch) -
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("vae_core.data.idx.os.replace", boom)
+    monkeypatch.setattr("vae_core.atomic.os.replace", boom)
     with pytest.raises(OSError, match="disk full"):
         write_idx(target, images[:3])
     assert target.read_bytes() == before

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from torchvision.io import read_image
 
+from vae_core.config import EvalConfig, TrainConfig
 from vae_core.data import DatasetSplits, save_processed
 from vae_core.evaluation import (
     MnistClassifier,
@@ -57,12 +59,12 @@ def _classifier() -> MnistClassifier:
     return MnistClassifier().eval()
 
 
-SETTINGS = dict(iwae_k=20, iwae_test_size=15, num_samples=30, seed=3)
+SETTINGS = EvalConfig(iwae_k=20, iwae_test_size=15, num_samples=30, seed=3)
 
 
 def test_evaluate_model_writes_labelled_metrics_nll_and_pngs(tmp_path):
     metrics = evaluate_model(
-        _vae(), _splits(), "binarized", tmp_path, classifier=_classifier(), **SETTINGS
+        _vae(), _splits(), "binarized", tmp_path, SETTINGS, classifier=_classifier()
     )
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     for key in (
@@ -110,8 +112,8 @@ def test_evaluate_model_writes_labelled_metrics_nll_and_pngs(tmp_path):
 
 def test_evaluation_is_deterministic_and_subsets_agree_with_the_full_set(tmp_path):
     model, splits = _vae(), _splits()
-    a = evaluate_model(model, splits, "binarized", tmp_path / "a", **SETTINGS)
-    b = evaluate_model(model, splits, "binarized", tmp_path / "b", **SETTINGS)
+    a = evaluate_model(model, splits, "binarized", tmp_path / "a", SETTINGS)
+    b = evaluate_model(model, splits, "binarized", tmp_path / "b", SETTINGS)
     assert {k: v for k, v in a.items() if k not in TIMING_KEYS} == {
         k: v for k, v in b.items() if k not in TIMING_KEYS
     }
@@ -122,7 +124,7 @@ def test_evaluation_is_deterministic_and_subsets_agree_with_the_full_set(tmp_pat
     # The whole test set: the same per-example figures at the subset's indices (per-example
     # seeding), and the IWAE bound is tighter than the one-sample ELBO.
     full = evaluate_model(
-        model, splits, "binarized", tmp_path / "full", **(SETTINGS | {"iwae_test_size": 0})
+        model, splits, "binarized", tmp_path / "full", replace(SETTINGS, iwae_test_size=0)
     )
     nll_full, index_full, _ = load_per_example(tmp_path / "full")
     np.testing.assert_array_equal(index_full, np.arange(40))
@@ -132,7 +134,7 @@ def test_evaluation_is_deterministic_and_subsets_agree_with_the_full_set(tmp_pat
 
 
 def test_summed_bce_on_grey_levels_is_never_called_a_likelihood(tmp_path):
-    metrics = evaluate_model(_vae(), _splits(), "continuous", tmp_path, **SETTINGS)
+    metrics = evaluate_model(_vae(), _splits(), "continuous", tmp_path, SETTINGS)
     assert metrics["likelihood_kind"] == "not_a_likelihood_bce_greylevels"
     assert not any("nll" in key for key in metrics if key != "per_example_index_file")
     assert "test_bits_per_dim" not in metrics
@@ -146,17 +148,17 @@ def test_summed_bce_on_grey_levels_is_never_called_a_likelihood(tmp_path):
     assert values.shape == index.shape == (15,)
     # The continuous Bernoulli on grey levels is a density: it gets an NLL of its own.
     cb = evaluate_model(
-        _vae("continuous_bernoulli"), _splits(), "continuous", tmp_path / "cb", **SETTINGS
+        _vae("continuous_bernoulli"), _splits(), "continuous", tmp_path / "cb", SETTINGS
     )
     assert cb["likelihood_kind"] == "density_nll_continuous_bernoulli_greylevels"
     assert "test_nll_iwae" in cb and "not comparable" in cb["likelihood_kind_label"]
 
 
-def test_bad_settings_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="data_variant"):
-        evaluate_model(_vae(), _splits(), "grey", tmp_path, **SETTINGS)
-    with pytest.raises(ValueError, match="iwae_k"):
-        evaluate_model(_vae(), _splits(), "binarized", tmp_path, **(SETTINGS | {"iwae_k": 0}))
+def test_bad_settings_are_refused_where_they_are_made():
+    with pytest.raises(ValueError, match="train.data_variant = 'grey' is not allowed"):
+        TrainConfig(data_variant="grey")
+    with pytest.raises(ValueError, match="evaluate.iwae_k = 0 is not allowed"):
+        replace(SETTINGS, iwae_k=0)
 
 
 def test_classifier_and_report_command_lines(tmp_path, capsys):

@@ -183,7 +183,7 @@ def test_briefly_trained_vae_lands_between_real_digits_and_noise(embedded, class
 
     torch.manual_seed(0)
     trainer = Trainer(
-        VAE(VAEConfig()), TrainConfig(epochs=3, lr=3e-3, patience=0, progress=False, device="cpu")
+        VAE(VAEConfig()), TrainConfig(epochs=3, lr=3e-3, patience=0, device="cpu"), progress=False
     )
     trainer.fit(embedded.train_images, embedded.val_images)
     samples = trainer.model.sample(1000, generator=torch.Generator().manual_seed(1))

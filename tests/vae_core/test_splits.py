@@ -15,14 +15,12 @@ from vae_core.data import (
     DatasetSplits,
     ProcessedDataError,
     SplitError,
-    binarize,
     load_processed,
     load_raw,
     load_split_indices,
     load_splits,
     make_splits,
     save_processed,
-    to_float,
 )
 from vae_core.data import splits as splits_mod
 
@@ -82,11 +80,6 @@ def test_val_size_must_fit(arrays, val_size) -> None:
         split(arrays, val_size=val_size)
 
 
-def test_seeds_must_be_non_negative_ints(arrays) -> None:
-    with pytest.raises(SplitError, match="data.split_seed: expected an integer >= 0, found -1"):
-        split(arrays, split_seed=-1)
-
-
 def test_save_and_load_round_trip(arrays, tmp_path: Path) -> None:
     s, idx = split(arrays)
     stats = save_processed(s, idx, tmp_path / "proc", extra_stats={"split_seed": 0})
@@ -123,7 +116,7 @@ def test_failed_save_leaves_previous_output(arrays, tmp_path: Path, digest, monk
     def boom(*args, **kwargs):
         raise OSError("interrupted")
 
-    monkeypatch.setattr(splits_mod, "write_json_atomic", boom)
+    monkeypatch.setattr(splits_mod, "atomic_write_text", boom)  # stats.json, written last
     s2, idx2 = split(arrays, split_seed=5)
     with pytest.raises(OSError, match="interrupted"):
         save_processed(s2, idx2, tmp_path / "proc")
@@ -182,23 +175,45 @@ def test_load_splits_folder_without_cache(tmp_path: Path, write_raw) -> None:
     assert s.counts() == {"train": 90, "val": 10, "test": 20}
 
 
-def test_to_float_and_binarize() -> None:
+def test_trainer_float_view_and_dynamic_binarization() -> None:
+    """The views a model sees come from the trainer: uint8 -> float in [0, 1], and a fresh
+    seeded Bernoulli draw of every image each epoch (the binarized variant)."""
+    from vae_core.models import VAEConfig, build_vae
+    from vae_core.training import TrainConfig, Trainer, to_unit_float
+
     images = torch.tensor([[[0, 255], [128, 64]]], dtype=torch.uint8).repeat(4, 14, 14)
-    x = to_float(images)
+    x = to_unit_float(images)
     assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32
     assert x.min() == 0.0 and x.max() == 1.0
-    assert to_float(images.unsqueeze(1)).shape == (4, 1, 28, 28)
-    g1 = torch.Generator().manual_seed(0)
-    g2 = torch.Generator().manual_seed(0)
-    b1, b2 = binarize(x, g1), binarize(x, g2)
-    assert torch.equal(b1, b2) and b1.dtype == torch.float32
-    assert set(b1.unique().tolist()) <= {0.0, 1.0}
-    assert torch.all(b1[x == 0] == 0) and torch.all(b1[x == 1] == 1)
-    assert not torch.equal(binarize(x, g1), b1)  # fresh draws each call: dynamic binarization
-    with pytest.raises(ProcessedDataError, match="expected uint8"):
-        to_float(x)
-    with pytest.raises(ProcessedDataError, match="expected float"):
-        binarize(images)
+    assert to_unit_float(images.unsqueeze(1)).shape == (4, 1, 28, 28)
+
+    def epoch_inputs() -> list[torch.Tensor]:
+        """What the loss sees in each of two epochs, training on a single image."""
+        seen: list[torch.Tensor] = []
+        config = TrainConfig(
+            epochs=2,
+            batch_size=8,
+            seed=0,
+            device="cpu",
+            patience=0,
+            data_variant="binarized",
+        )
+        model = build_vae(VAEConfig(hidden_sizes=[8], latent_dim=2))
+        trainer = Trainer(model, config, progress=False)
+        loss_fn = trainer.loss_fn
+        trainer.loss_fn = lambda model, xb, beta, gen: (
+            seen.append(xb) or loss_fn(model, xb, beta, gen)
+        )
+        trainer.fit(images[:1], images[:1])
+        return seen
+
+    b1, b2 = epoch_inputs()
+    assert b1.dtype == torch.float32 and set(b1.unique().tolist()) <= {0.0, 1.0}
+    x1 = x[:1]
+    assert torch.all(b1[x1 == 0] == 0) and torch.all(b1[x1 == 1] == 1)
+    assert not torch.equal(b1, b2)  # fresh draws each epoch: dynamic binarization
+    again = epoch_inputs()
+    assert torch.equal(again[0], b1) and torch.equal(again[1], b2)  # seeded
 
 
 def test_dataset_splits_checks_its_fields() -> None:

@@ -29,7 +29,6 @@ from vae_core.data.sources import (
 from vae_core.data.splits import (
     DatasetSplits,
     array_stats,
-    binarize,
     load_processed,
     load_raw,
     load_split_indices,
@@ -39,7 +38,6 @@ from vae_core.data.splits import (
     save_processed,
     split_arrays,
     split_stats,
-    to_float,
 )
 
 __all__ = [
@@ -57,7 +55,6 @@ __all__ = [
     "SourceError",
     "SplitError",
     "array_stats",
-    "binarize",
     "fetch_raw",
     "load_processed",
     "load_raw",
@@ -73,7 +70,6 @@ __all__ = [
     "save_processed",
     "split_arrays",
     "split_stats",
-    "to_float",
     "validate_pair",
     "write_idx",
 ]

@@ -1,14 +1,16 @@
 """Exceptions raised by the data layer.
 
-Every data problem is a ``DataError`` (a ``ValueError``), so a command-line entry point can catch
-one class, print the message and exit without a traceback. The subclasses let callers and tests
-tell the failure modes apart.
+Every data problem is a ``DataError`` (a ``VaeError`` and a ``ValueError``), so a command-line
+entry point can catch one class, print the message and exit without a traceback. The
+subclasses let callers and tests tell the failure modes apart.
 """
 
 from __future__ import annotations
 
+from vae_core.errors import VaeError
 
-class DataError(ValueError):
+
+class DataError(VaeError, ValueError):
     """Base class: the data on disk or the data settings are not what was expected."""
 
 

@@ -15,7 +15,6 @@ import gzip
 import io
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from vae_core.atomic import atomic_write_bytes
 from vae_core.data.errors import DatasetMismatchError, IdxFormatError
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -205,31 +205,6 @@ def encode_idx(array: np.ndarray) -> bytes:
         int(d).to_bytes(4, "big") for d in array.shape
     )
     return header + np.ascontiguousarray(array, dtype=IDX_DTYPES[code]).tobytes()
-
-
-def default_mode(directory: bool = False) -> int:
-    """The permissions a plain ``open`` / ``mkdir`` would give (mkstemp and mkdtemp use 0600
-    and 0700, which would make outputs unreadable to other users)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write a file through a temporary sibling and ``os.replace`` so readers never see half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, default_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:

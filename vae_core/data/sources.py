@@ -31,12 +31,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from vae_core.atomic import atomic_write_text, default_mode
 from vae_core.data.errors import ChecksumError, DataError, FetchError, SourceError
 from vae_core.data.idx import (
     IMAGE_SHAPE,
     NUM_CLASSES,
-    atomic_write_bytes,
-    default_mode,
     is_gzip,
     read_idx,
     read_idx_shape,
@@ -383,6 +382,20 @@ def _claims_official(images: np.ndarray, split: str) -> bool:
     return images.shape[0] == OFFICIAL_COUNTS[split]
 
 
+def read_raw_arrays(paths: Mapping[str, Path]) -> dict[str, np.ndarray]:
+    """The four arrays of a raw folder (as ``locate_raw_files`` names them), each images file
+    checked against its labels file: counts, shapes, dtypes, label range."""
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    for split in ("train", "test"):
+        validate_pair(
+            arrays[f"{split}_images"],
+            arrays[f"{split}_labels"],
+            paths[f"{split}_images"],
+            paths[f"{split}_labels"],
+        )
+    return arrays
+
+
 def fetch_folder(folder: str | os.PathLike[str], dataset: str, staging: Path) -> None:
     """Folder source: validate the four files, check official md5 sums, copy them in.
 
@@ -393,14 +406,7 @@ def fetch_folder(folder: str | os.PathLike[str], dataset: str, staging: Path) ->
     """
     _check_dataset(dataset)
     paths = locate_raw_files(folder)
-    arrays = {key: read_idx(path) for key, path in paths.items()}
-    for split in ("train", "test"):
-        validate_pair(
-            arrays[f"{split}_images"],
-            arrays[f"{split}_labels"],
-            paths[f"{split}_images"],
-            paths[f"{split}_labels"],
-        )
+    arrays = read_raw_arrays(paths)
     md5s: dict[str, str] | None = None
     for key, path in paths.items():
         split = key.split("_")[0]
@@ -515,11 +521,6 @@ def dumps_json(obj: Any, indent: int = 0) -> str:
     return json.dumps(obj)
 
 
-def write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
-    """Write stable, sorted JSON through a temporary file and ``os.replace``."""
-    atomic_write_bytes(path, (dumps_json(obj) + "\n").encode("utf-8"))
-
-
 def fetch_raw(
     source: str,
     dataset: str,
@@ -568,7 +569,7 @@ def fetch_raw(
         else:
             fetch_folder(source, dataset, staging)
         manifest = build_manifest(staging, dataset, source)
-        write_json_atomic(staging / MANIFEST_NAME, manifest)
+        atomic_write_text(staging / MANIFEST_NAME, dumps_json(manifest) + "\n")
         replace_dir(staging, dest)
     return manifest
 

@@ -1,5 +1,6 @@
 """From raw IDX files to the tensors a trainer uses: seeded validation split, fixed binarized
-test set, a compact pickle-free on-disk format, and the float / binarized views of images.
+test set and a compact pickle-free on-disk format. (The float and dynamically binarized views
+of the images belong to the trainer: ``vae_core.training.trainer.to_unit_float``.)
 
 Processed folder layout (every array a ``.npy`` file that loads with ``allow_pickle=False``)::
 
@@ -23,17 +24,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vae_core.atomic import atomic_write_bytes, atomic_write_text
 from vae_core.data.errors import ProcessedDataError, SplitError
-from vae_core.data.idx import IMAGE_SHAPE, NUM_CLASSES, read_idx, validate_pair
+from vae_core.data.idx import IMAGE_SHAPE, NUM_CLASSES, validate_pair
 from vae_core.data.sources import (
-    atomic_write_bytes,
+    dumps_json,
     fetch_raw,
     locate_raw_files,
     read_manifest,
+    read_raw_arrays,
     replace_dir,
     staging_dir,
     verify_manifest,
-    write_json_atomic,
 )
 
 PROCESSED_FORMAT_VERSION = 1
@@ -133,26 +135,13 @@ def load_raw(
     """
     paths = locate_raw_files(raw_dir)
     verify_manifest(raw_dir, paths)
-    arrays = {key: read_idx(path) for key, path in paths.items()}
-    for split in ("train", "test"):
-        validate_pair(
-            arrays[f"{split}_images"],
-            arrays[f"{split}_labels"],
-            paths[f"{split}_images"],
-            paths[f"{split}_labels"],
-        )
+    arrays = read_raw_arrays(paths)
     return (
         arrays["train_images"],
         arrays["train_labels"],
         arrays["test_images"],
         arrays["test_labels"],
     )
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise SplitError(f"{name}: expected an integer >= {minimum}, found {value!r}")
-    return int(value)
 
 
 def split_arrays(
@@ -169,6 +158,8 @@ def split_arrays(
 
     The validation rows are a seeded permutation's first ``val_size``; the binarized test set
     is one Bernoulli draw per pixel from its own seed, fixed so every model sees the same bits.
+    The seeds are validated once, where the params are read; ``val_size`` is checked here
+    because whether it fits depends on the data.
     """
     validate_pair(train_images, train_labels, "train images", "train labels")
     validate_pair(test_images, test_labels, "test images", "test labels")
@@ -182,8 +173,6 @@ def split_arrays(
             f"data.val_size = {val_size!r} does not fit the training set of {n} images: expected "
             f"an integer from 1 to {n - 1} (at least one image must remain for training)"
         )
-    split_seed = _check_int("data.split_seed", split_seed, 0)
-    binarize_seed = _check_int("data.binarize_seed", binarize_seed, 0)
     perm = np.random.default_rng(split_seed).permutation(n)
     val_idx = np.sort(perm[: int(val_size)]).astype(np.int64)
     train_idx = np.sort(perm[int(val_size) :]).astype(np.int64)
@@ -319,7 +308,7 @@ def save_arrays(
         _write_npz(
             tmp / INDICES_FILE, {k: np.asarray(v, dtype=np.int64) for k, v in indices.items()}
         )
-        write_json_atomic(tmp / STATS_FILE, stats)
+        atomic_write_text(tmp / STATS_FILE, dumps_json(stats) + "\n")
         replace_dir(tmp, out)
     return stats
 
@@ -426,35 +415,3 @@ def load_splits(
         *arrays, val_size=val_size, split_seed=split_seed, binarize_seed=binarize_seed
     )
     return splits
-
-
-# --------------------------------------------------------------------------- views
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (``N x 28 x 28`` or ``N x 1 x 28 x 28``) as float32 in [0, 1], shape
-    ``N x 1 x 28 x 28``, on the same device: the form every model takes."""
-    import torch
-
-    if images.dtype != torch.uint8:
-        raise ProcessedDataError(f"to_float: expected uint8 images, found {images.dtype}")
-    if images.dim() == 3:
-        images = images.unsqueeze(1)
-    if images.dim() != 4 or images.shape[1] != 1:
-        raise ProcessedDataError(
-            f"to_float: expected N x 28 x 28 or N x 1 x 28 x 28, found {tuple(images.shape)}"
-        )
-    return images.to(torch.float32).div_(255.0)
-
-
-def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Dynamic binarization: one Bernoulli draw per pixel with the grey level as probability.
-
-    Called afresh every epoch it acts as data augmentation (the standard protocol of the
-    binarized-MNIST likelihood literature). ``generator`` must live on the images' device.
-    """
-    import torch
-
-    if not images.is_floating_point():
-        raise ProcessedDataError(f"binarize: expected float images in [0, 1], found {images.dtype}")
-    return torch.bernoulli(images, generator=generator)

@@ -19,29 +19,23 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vae_core.training.checkpoint import atomic_torch_save, atomic_write_text
+from vae_core.atomic import atomic_torch_save, atomic_write_text
 from vae_core.training.device import pick_device
+
+if TYPE_CHECKING:
+    from vae_core.data.splits import DatasetSplits
 
 WEIGHTS_NAME = "classifier.pt"
 CONFIG_NAME = "classifier.json"
 FORMAT_VERSION = 1
 # The MNIST training-set pixel mean and standard deviation: inputs are standardized with them.
 PIXEL_MEAN, PIXEL_STD = 0.1307, 0.3081
-
-
-class LabelledSplits(Protocol):
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    val_images: torch.Tensor
-    val_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -144,7 +138,7 @@ def _tensor_sha256(*tensors: torch.Tensor) -> str:
 
 
 def train_classifier(
-    splits: LabelledSplits,
+    splits: DatasetSplits,
     epochs: int = 3,
     batch_size: int = 128,
     lr: float = 2e-3,

@@ -111,11 +111,13 @@ def iwae_log_likelihood(
 ) -> np.ndarray:
     """IWAE estimate of log p(x) per example, log (1/k) sum_i p(x, z_i) / q(z_i | x), float64.
 
-    A lower bound on log p(x) in expectation that tightens as k grows (Burda et al. 2015); k=1
-    is a one-sample ELBO. `indices` are the examples' positions in the full test set (they seed
-    the noise, see the module docstring); by default 0..len(x)-1. Examples go through in batches
-    and the k samples through the decoder in chunks of at most `max_rows` rows, so k=5000 fits
-    in memory; the log-weights are kept in float64 and reduced with logsumexp.
+    The project's only implementation of the importance-weighted bound: evaluation, the
+    promotion gate, the tests and the GPU check all call this one. A lower bound on log p(x)
+    in expectation that tightens as k grows (Burda et al. 2015); k=1 is a one-sample ELBO.
+    `indices` are the examples' positions in the full test set (they seed the noise, see the
+    module docstring); by default 0..len(x)-1. Examples go through in batches and the k samples
+    through the decoder in chunks of at most `max_rows` rows, so k=5000 fits in memory; the
+    log-weights are kept in float64 and reduced with logsumexp.
     """
     if k < 1:
         raise ValueError(f"evaluate.iwae_k: expected an integer >= 1, found {k}")

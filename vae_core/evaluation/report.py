@@ -18,12 +18,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+from vae_core.atomic import atomic_write_text
+from vae_core.config import DATA_VARIANTS, ConfigError, EvalConfig
 from vae_core.evaluation.classifier import MnistClassifier, load_classifier
 from vae_core.evaluation.images import (
     save_interpolation,
@@ -41,9 +43,12 @@ from vae_core.evaluation.likelihood import (
     select_subset,
 )
 from vae_core.evaluation.sample_quality import sample_quality_report
-from vae_core.training.checkpoint import MODEL_CONFIG_NAME, atomic_write_text, load_model
-from vae_core.training.config import DATA_VARIANTS
+from vae_core.training.checkpoint import MODEL_CONFIG_NAME, load_model
 from vae_core.training.run import VARIANT_LABELS, test_inputs
+from vae_core.training.trainer import EVAL_BATCH_SIZE
+
+if TYPE_CHECKING:
+    from vae_core.data.splits import DatasetSplits
 
 METRICS_NAME = "metrics.json"
 NLL_FILE = "per_example_nll.npy"
@@ -53,13 +58,6 @@ PNG_FILES = ("samples.png", "reconstructions.png", "interpolation.png", "latent_
 GRID_SAMPLES = 64
 RECONSTRUCTIONS = 32
 INTERPOLATION_PAIRS, INTERPOLATION_STEPS = 8, 10
-
-
-class EvalSplits(Protocol):
-    train_images: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    test_binarized: torch.Tensor
 
 
 def likelihood_kind(likelihood: str, data_variant: str) -> tuple[str, str]:
@@ -112,16 +110,13 @@ def _captions(data_variant: str, likelihood: str) -> dict[str, str]:
 
 def evaluate_model(
     model: nn.Module,
-    splits: EvalSplits,
+    splits: DatasetSplits,
     data_variant: str,
     out_dir: Path,
+    config: EvalConfig,
     *,
-    iwae_k: int,
-    iwae_test_size: int,
-    num_samples: int,
-    seed: int,
     classifier: MnistClassifier | None = None,
-    eval_batch_size: int = 10_000,
+    eval_batch_size: int = EVAL_BATCH_SIZE,
     iwae_max_rows: int | None = None,
 ) -> dict:
     """Score a trained VAE on the test split and write metrics.json, the per-example NLL and
@@ -132,13 +127,8 @@ def evaluate_model(
     examples for every model evaluated with the same settings, which the promotion gate's
     example-by-example comparison relies on. Runs on the model's device.
     """
-    if data_variant not in DATA_VARIANTS:
-        raise ValueError(f"data_variant: expected one of {DATA_VARIANTS}, found {data_variant!r}")
-    if iwae_k < 1 or iwae_test_size < 0 or num_samples < 0:
-        raise ValueError(
-            "evaluate: expected iwae_k >= 1, iwae_test_size >= 0 and num_samples >= 0, found "
-            f"{iwae_k}, {iwae_test_size}, {num_samples}"
-        )
+    iwae_k, iwae_test_size = config.iwae_k, config.iwae_test_size
+    num_samples, seed = config.num_samples, config.seed
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -353,17 +343,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     default_k, default_size = _default_iwae(device)
-    metrics = evaluate_model(
-        model,
-        splits,
-        data_variant,
-        args.out,
-        iwae_k=args.iwae_k if args.iwae_k is not None else default_k,
-        iwae_test_size=args.iwae_test_size if args.iwae_test_size is not None else default_size,
-        num_samples=args.num_samples,
-        seed=args.seed,
-        classifier=classifier,
-    )
+    try:
+        config = EvalConfig(
+            iwae_k=args.iwae_k if args.iwae_k is not None else default_k,
+            iwae_test_size=args.iwae_test_size if args.iwae_test_size is not None else default_size,
+            num_samples=args.num_samples,
+            seed=args.seed,
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metrics = evaluate_model(model, splits, data_variant, args.out, config, classifier=classifier)
     for key, value in metrics.items():
         if isinstance(value, float | int):
             print(f"{key} {value:.6g}" if isinstance(value, float) else f"{key} {value}")

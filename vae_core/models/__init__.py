@@ -1,15 +1,8 @@
 """VAE models: networks, likelihoods and the VAE that ties them together."""
 
-from vae_core.models.likelihoods import LIKELIHOODS, log_prob, mean_image
-from vae_core.models.networks import ARCHITECTURES
-from vae_core.models.vae import VAE, VAEConfig, build_vae
+from vae_core.config import VAEConfig
+from vae_core.models.likelihoods import log_prob, mean_image
+from vae_core.models.networks import NETWORKS
+from vae_core.models.vae import VAE, build_vae
 
-__all__ = [
-    "ARCHITECTURES",
-    "LIKELIHOODS",
-    "VAE",
-    "VAEConfig",
-    "build_vae",
-    "log_prob",
-    "mean_image",
-]
+__all__ = ["NETWORKS", "VAE", "VAEConfig", "build_vae", "log_prob", "mean_image"]

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-LIKELIHOODS = ("bernoulli", "continuous_bernoulli")
+from vae_core.config import LIKELIHOODS
 
 
 def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -59,12 +59,12 @@ def continuous_bernoulli_mean(logits: torch.Tensor) -> torch.Tensor:
 
 
 def log_prob(likelihood: str, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Dispatch by likelihood name; see LIKELIHOODS."""
-    if likelihood == "bernoulli":
-        return bernoulli_log_prob(x, logits)
-    if likelihood == "continuous_bernoulli":
-        return continuous_bernoulli_log_prob(x, logits)
-    raise ValueError(f"model.likelihood: expected one of {LIKELIHOODS}, found {likelihood!r}")
+    """Dispatch by likelihood name (one of vae_core.config.LIKELIHOODS)."""
+    return LOG_PROBS[likelihood](x, logits)
+
+
+LOG_PROBS = {"bernoulli": bernoulli_log_prob, "continuous_bernoulli": continuous_bernoulli_log_prob}
+assert tuple(LOG_PROBS) == LIKELIHOODS, "vae_core.config.LIKELIHOODS names the implemented ones"
 
 
 def mean_image(likelihood: str, logits: torch.Tensor) -> torch.Tensor:

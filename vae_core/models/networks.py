@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vae_core.config import ARCHITECTURES
+
 IMAGE_SHAPE = (1, 28, 28)
 IMAGE_PIXELS = 28 * 28
 
@@ -86,4 +88,5 @@ class ConvDecoder(nn.Module):
         return self.net(z)
 
 
-ARCHITECTURES = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
+NETWORKS = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
+assert tuple(NETWORKS) == ARCHITECTURES, "vae_core.config.ARCHITECTURES names the implemented ones"

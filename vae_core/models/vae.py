@@ -2,59 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import torch
 from torch import nn
 
-from vae_core.models.likelihoods import LIKELIHOODS, log_prob, mean_image
-from vae_core.models.networks import ARCHITECTURES
+from vae_core.config import VAEConfig
+from vae_core.models.likelihoods import log_prob, mean_image
+from vae_core.models.networks import NETWORKS
 
 # exp(+-10) bounds the variance to [4.5e-5, 2.2e4]: wide enough never to bind on a healthy
 # model, tight enough that exp(logvar) cannot overflow and NaN the loss.
 LOGVAR_MIN, LOGVAR_MAX = -10.0, 10.0
-
-
-@dataclass(frozen=True)
-class VAEConfig:
-    """Everything needed to rebuild the network; saved beside every set of weights."""
-
-    architecture: str = "mlp"
-    hidden_sizes: list[int] = field(default_factory=lambda: [400])
-    latent_dim: int = 20
-    likelihood: str = "bernoulli"
-
-    def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"model.architecture: expected one of {sorted(ARCHITECTURES)}, "
-                f"found {self.architecture!r}"
-            )
-        if self.likelihood not in LIKELIHOODS:
-            raise ValueError(
-                f"model.likelihood: expected one of {LIKELIHOODS}, found {self.likelihood!r}"
-            )
-        if self.latent_dim < 1:
-            raise ValueError(f"model.latent_dim: expected an integer >= 1, found {self.latent_dim}")
-        if not self.hidden_sizes or any(int(h) < 1 for h in self.hidden_sizes):
-            raise ValueError(
-                "model.hidden_sizes: expected a non-empty list of integers >= 1, "
-                f"found {self.hidden_sizes!r}"
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> VAEConfig:
-        known = {
-            k: values[k]
-            for k in ("architecture", "hidden_sizes", "latent_dim", "likelihood")
-            if k in values
-        }
-        if "hidden_sizes" in known:
-            known["hidden_sizes"] = [int(h) for h in known["hidden_sizes"]]
-        return cls(**known)
 
 
 class VAE(nn.Module):
@@ -63,7 +20,7 @@ class VAE(nn.Module):
     def __init__(self, config: VAEConfig | None = None):
         super().__init__()
         self.config = config or VAEConfig()
-        encoder_cls, decoder_cls = ARCHITECTURES[self.config.architecture]
+        encoder_cls, decoder_cls = NETWORKS[self.config.architecture]
         self.encoder = encoder_cls(list(self.config.hidden_sizes), self.config.latent_dim)
         self.decoder = decoder_cls(list(self.config.hidden_sizes), self.config.latent_dim)
 
@@ -110,7 +67,7 @@ class VAE(nn.Module):
 
 
 def build_vae(config: VAEConfig | dict | None = None) -> VAE:
-    """Build a VAE from a config object or a plain dict (such as params.yaml's model section)."""
+    """Build a VAE from a config object or a plain dict (a saved model_config.json)."""
     if isinstance(config, dict):
         config = VAEConfig.from_dict(config)
     return VAE(config)

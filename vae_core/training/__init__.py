@@ -1,13 +1,19 @@
 """The trainer: device placement, checkpoints, resume, callbacks."""
 
+from vae_core.config import TrainConfig
 from vae_core.training.checkpoint import load_checkpoint, load_model, save_model
-from vae_core.training.config import DATA_VARIANTS, TrainConfig
 from vae_core.training.device import pick_device
 from vae_core.training.run import run_training
-from vae_core.training.trainer import NonFiniteLossError, Trainer, TrainResult, to_unit_float
+from vae_core.training.trainer import (
+    EVAL_BATCH_SIZE,
+    NonFiniteLossError,
+    Trainer,
+    TrainResult,
+    to_unit_float,
+)
 
 __all__ = [
-    "DATA_VARIANTS",
+    "EVAL_BATCH_SIZE",
     "NonFiniteLossError",
     "TrainConfig",
     "TrainResult",

@@ -1,4 +1,5 @@
-"""Checkpoints: everything needed to resume a run bit for bit, saved atomically.
+"""Checkpoints and saved models: everything needed to resume a run bit for bit, saved atomically,
+and the one function that rebuilds a VAE from weights + config.
 
 Files hold only tensors, numbers, strings and containers of them, so they load with
 `torch.load(..., weights_only=True)` and never unpickle arbitrary objects.
@@ -7,11 +8,16 @@ Files hold only tensors, numbers, strings and containers of them, so they load w
 from __future__ import annotations
 
 import json
-import os
+import pickle
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vae_core.atomic import atomic_torch_save, atomic_write_text
+from vae_core.errors import VaeError
+from vae_core.models.vae import VAE, build_vae
 
 CHECKPOINT_NAME = "last.pt"
 BEST_WEIGHTS_NAME = "best.pt"
@@ -19,21 +25,13 @@ MODEL_WEIGHTS_NAME = "model.pt"
 MODEL_CONFIG_NAME = "model_config.json"
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary sibling, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class ModelFileError(VaeError, ValueError):
+    """A saved model cannot be rebuilt: an unreadable config, weights that are not a plain
+    state dict, or weights that do not fit the config. The message names the file."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class UnsafeWeightsError(ModelFileError):
+    """The weights file is not weights-only: reading it would unpickle arbitrary objects."""
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -50,16 +48,60 @@ def save_model(model: torch.nn.Module, config: dict, out_dir: Path) -> Path:
     return out_dir / MODEL_WEIGHTS_NAME
 
 
-def load_model(model_dir: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild a VAE from `model.pt` + `model_config.json` written by save_model."""
-    from vae_core.models.vae import build_vae
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a weights-only torch file, on CPU; never unpickles objects."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise UnsafeWeightsError(
+            f"{path}: not a weights-only torch file (refused to unpickle it): {exc}"
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"{path}: expected a state dict of tensors, found {type(state)}")
+    return state
 
+
+def read_model_config(path: Path) -> dict[str, Any]:
+    """The model config JSON object written beside the weights."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"{path}: cannot read the model config: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def rebuild_vae(
+    weights_path: Path,
+    config_path: Path,
+    read_weights: Callable[[Path], Mapping[str, torch.Tensor]] = read_state_dict,
+) -> tuple[VAE, dict[str, Any]]:
+    """The VAE (CPU, eval mode) and its config dict, from a weights file and its config JSON.
+
+    The one rebuild path of the project. ``read_weights`` turns the weights file into a state
+    dict; the default reads weights-only torch files, and the MLflow layer passes a reader that
+    also understands safetensors (a format vae_core does not depend on). The weights must fit
+    the config exactly (strict loading): a missing or extra tensor is an error, not a warning.
+    """
+    config = read_model_config(config_path)
+    model = build_vae(config)
+    state = read_weights(Path(weights_path))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelFileError(f"{weights_path}: weights do not fit {config_path}: {exc}") from exc
+    return model.eval(), config
+
+
+def load_model(model_dir: Path, device: str | torch.device = "cpu") -> VAE:
+    """Rebuild a VAE from `model.pt` + `model_config.json` written by save_model."""
     model_dir = Path(model_dir)
     config_path = model_dir / MODEL_CONFIG_NAME
     weights_path = model_dir / MODEL_WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: expected a saved model file here, found nothing")
-    model = build_vae(json.loads(config_path.read_text()))
-    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    model, _ = rebuild_vae(weights_path, config_path)
     return model.to(device).eval()

@@ -15,22 +15,25 @@ from pathlib import Path
 
 import torch
 
+from vae_core.atomic import atomic_torch_save
+from vae_core.config import TrainConfig
+from vae_core.errors import VaeError
 from vae_core.models.vae import VAE
 from vae_core.objectives import beta_at, dataset_elbo, training_loss
 from vae_core.training.checkpoint import (
     BEST_WEIGHTS_NAME,
     CHECKPOINT_NAME,
-    atomic_torch_save,
     load_checkpoint,
 )
-from vae_core.training.config import TrainConfig
 from vae_core.training.device import pick_device
 from vae_core.training.progress import ProgressBar
 
 EpochCallback = Callable[[dict], None]
+#: Images per forward pass when scoring a whole split (no gradients, so large is fine).
+EVAL_BATCH_SIZE = 10_000
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(VaeError, RuntimeError):
     """The loss became NaN or infinite; training stopped before applying that step."""
 
 
@@ -61,8 +64,9 @@ def _synchronize(device: torch.device) -> None:
 class Trainer:
     """Fits a VAE with Adam; checkpoints every epoch and resumes from the last one."""
 
-    def __init__(self, model: VAE, config: TrainConfig):
+    def __init__(self, model: VAE, config: TrainConfig, progress: bool = True):
         self.config = config
+        self.progress = progress  # a progress bar per epoch on stderr
         self.device = pick_device(config.device)
         torch.manual_seed(config.seed)
         self.model = model.to(self.device)
@@ -146,7 +150,7 @@ class Trainer:
             seen += n
             train_seconds += seconds
 
-            val = dataset_elbo(self.model, val_x, cfg.eval_batch_size, self._eval_generator())
+            val = dataset_elbo(self.model, val_x, EVAL_BATCH_SIZE, self._eval_generator())
             val_neg_elbo = float(-val.elbo.mean())
             metrics = {
                 "epoch": epoch + 1,
@@ -191,7 +195,7 @@ class Trainer:
         else:
             epoch_x = train_x
         steps = math.ceil(n / cfg.batch_size)
-        bar = ProgressBar(steps, f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress)
+        bar = ProgressBar(steps, f"epoch {epoch + 1}/{cfg.epochs}", enabled=self.progress)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         neg_elbo_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for step in range(steps):

@@ -1,0 +1,61 @@
+"""The command line's error contract: the project's own errors (VaeError) are one line and exit
+status 2; anything else is a bug or a library failure and keeps its traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows import cli
+from vae_core.errors import VaeError
+
+
+def test_project_errors_are_one_line_with_status_2(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nowhere.yaml"
+    rc = cli.main(["train", "--params", str(missing), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == f"error: {missing}: parameters file not found\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_errors_keep_their_traceback(monkeypatch, tmp_path: Path) -> None:
+    def broken(args) -> int:
+        raise RuntimeError("a genuine bug")
+
+    add, _ = cli.COMMANDS["train"]
+    monkeypatch.setitem(cli.COMMANDS, "train", (add, broken))
+    with pytest.raises(RuntimeError, match="a genuine bug"):
+        cli.main(["train", "--out", str(tmp_path)])
+
+
+def test_every_project_error_class_derives_from_vae_error() -> None:
+    from flows.dvc_runner import DvcError
+    from flows.lineage import LineageError
+    from flows.model_io import ModelLoadError
+    from flows.params import ParamsError
+    from flows.promotion import GateError
+    from flows.registry import RegistryError
+    from flows.sweep import SweepError
+    from flows.tracking import TrackingUnavailable
+    from vae_core.config import ConfigError
+    from vae_core.data.errors import DataError
+    from vae_core.training.checkpoint import ModelFileError
+    from vae_core.training.trainer import NonFiniteLossError
+
+    for error in (
+        DvcError,
+        LineageError,
+        ModelLoadError,
+        ParamsError,
+        GateError,
+        RegistryError,
+        SweepError,
+        TrackingUnavailable,
+        ConfigError,
+        DataError,
+        ModelFileError,
+        NonFiniteLossError,
+    ):
+        assert issubclass(error, VaeError), error

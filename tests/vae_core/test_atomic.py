@@ -1,0 +1,65 @@
+"""The one atomic-write primitive, and the one VAE rebuild path built on the saved files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vae_core.atomic import atomic_torch_save, atomic_write_text
+from vae_core.models import VAEConfig, build_vae
+from vae_core.training.checkpoint import (
+    MODEL_CONFIG_NAME,
+    ModelFileError,
+    load_model,
+    rebuild_vae,
+    save_model,
+)
+
+
+def test_failed_writes_keep_the_old_file_and_leave_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "w.pt"
+    atomic_torch_save({"w": torch.arange(3)}, target)  # creates the missing folder
+    before = target.read_bytes()
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_torch_save({"w": Unsaveable()}, target)
+    assert target.read_bytes() == before
+    assert [p.name for p in target.parent.iterdir()] == ["w.pt"]
+    atomic_write_text(tmp_path / "a.json", "é\n")
+    assert (tmp_path / "a.json").read_bytes() == "é\n".encode()
+
+
+def test_torch_files_do_not_depend_on_their_name(tmp_path: Path) -> None:
+    """Same tensors, same bytes: the DVC hash of a saved file does not depend on its name."""
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    atomic_torch_save(state, tmp_path / "a.pt")
+    atomic_torch_save(state, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    loaded = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert torch.equal(loaded["w"], state["w"])
+
+
+def test_saved_model_round_trips_and_mismatches_name_the_files(tmp_path: Path) -> None:
+    model = build_vae(VAEConfig(hidden_sizes=[8], latent_dim=2))
+    weights = save_model(model, model.config.to_dict(), tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert not loaded.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    config_path = tmp_path / "m" / MODEL_CONFIG_NAME
+    config_path.write_text(json.dumps(model.config.to_dict() | {"latent_dim": 3}))
+    with pytest.raises(ModelFileError, match=r"model.pt: weights do not fit .*model_config.json"):
+        rebuild_vae(weights, config_path)
+    config_path.write_text("[1, 2]")
+    with pytest.raises(ModelFileError, match="expected a JSON object, found list"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="expected a saved model file"):
+        load_model(tmp_path / "m")
