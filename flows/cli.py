@@ -105,6 +105,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the training pipeline flow with params.yaml")
     add_override_argument(p, "override a parameter, e.g. -S train.epochs=3")
     p.add_argument("--workdir", default=".", help="the project folder (params.yaml, dvc.yaml)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="train even when a version was made from the same data, params and model code",
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -112,7 +117,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     load_params(Path(args.workdir) / DEFAULT_PATH, args.overrides)  # fail fast, before Prefect
     from flows.pipeline import training_pipeline
 
-    result = training_pipeline(overrides=args.overrides, workdir=args.workdir)
+    result = training_pipeline(overrides=args.overrides, workdir=args.workdir, force=args.force)
     print(json.dumps({k: result[k] for k in ("run_id", "model", "gate")}, indent=2, default=str))
     return 0
 
@@ -192,6 +197,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--limit", type=int, default=1, help="flow runs at a time (they share one workspace)"
     )
+    p.add_argument(
+        "--on-overlap",
+        choices=["enqueue", "cancel-new"],
+        default="enqueue",
+        help="a scheduled run that comes while one runs: wait its turn (default) or be cancelled",
+    )
     add_override_argument(p, "override a parameter for every scheduled run")
     p.add_argument("--workdir", default=".")
 
@@ -207,13 +218,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
     from flows.pipeline import training_pipeline
 
     schedule = {"interval": args.interval} if args.interval else {"cron": args.cron}
+    # One run at a time on the deployment, enforced by the Prefect server (the workspace's file
+    # lock is the second line of defence): a run that arrives meanwhile is queued or cancelled.
+    overlap = ConcurrencyLimitStrategy[args.on_overlap.upper().replace("-", "_")]
     training_pipeline.serve(
         name=args.name,
         parameters={"overrides": args.overrides, "workdir": str(Path(args.workdir).resolve())},
         limit=args.limit,
+        global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=overlap),
         **schedule,
     )
     return 0
@@ -267,6 +284,32 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if result["counts"]["finished"] else 1
 
 
+def _add_history(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("history", help="print every alias move of a registered model")
+    p.add_argument("--model", dest="model_name", default=None, help="default: <data.dataset>-vae")
+    p.add_argument("--workdir", default=".")
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
+    from flows.alias_log import history_table, read_history
+
+    _connect_mlflow(args.workdir)
+    name = _model_name(args)
+    from mlflow.exceptions import MlflowException
+
+    from flows.registry import RegistryError
+
+    try:
+        entries = read_history(MlflowClient(), name)
+    except MlflowException as exc:
+        raise RegistryError(f"registered model {name!r} not found: {exc.message}") from None
+    print(f"alias history of {name} ({len(entries)} moves)\n")
+    print(history_table(entries), end="")
+    return 0
+
+
 COMMANDS = {
     "train": (_add_train, _cmd_train),
     "bench": (_add_bench, _cmd_bench),
@@ -275,6 +318,7 @@ COMMANDS = {
     "promote": (_add_promote, _cmd_promote),
     "rollback": (None, _cmd_promote),
     "serve": (_add_serve, _cmd_serve),
+    "history": (_add_history, _cmd_history),
     "sweep": (_add_sweep, _cmd_sweep),
 }
 

@@ -36,6 +36,26 @@ def _stage_out(lock: dict[str, Any], stage: str, lock_path: Path) -> dict[str, A
     return stages[stage]
 
 
+def model_code_hash() -> str:
+    """A digest of the model code: every module of the installed ``vae_core`` package (the
+    networks, objectives, trainer and evaluation), path and bytes.
+
+    This is what "the model code changed" means for deciding whether to retrain: the library
+    that defines what is trained and how it is scored. Orchestration (``flows``), docs, tests
+    and the README are not part of it, so a commit that touches only those retrains nothing.
+    """
+    import hashlib
+
+    import vae_core
+
+    package = Path(vae_core.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def data_lineage(repo_root: str | os.PathLike[str] = ".", dataset: str | None = None) -> dict:
     """The DVC md5 of the raw and processed outputs recorded in ``dvc.lock``.
 

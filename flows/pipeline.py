@@ -145,7 +145,8 @@ def promote(
 
     client = tracking.connect(tracking_uri)
     processed = workspace.processed_dir(Path(workdir), params.data.dataset)
-    return gate_and_apply(client, name, version, Path(eval_dir), processed, params)
+    actor = tracking.prefect_actor()
+    return gate_and_apply(client, name, version, Path(eval_dir), processed, params, actor)
 
 
 def headline_tags(metrics: dict) -> dict[str, str]:
@@ -207,9 +208,32 @@ def _train_evaluate_register(
     return {"run_id": run_id, "train": train, "ev": ev, "reg": reg, "gate": gate}
 
 
+def _up_to_date(name: str, version: str, match: dict[str, str]) -> dict[str, Any]:
+    """The outcome of a run with nothing new to train: it names the version that matches."""
+    reason = (
+        f"up to date: {name} v{version} was made from the same processed data "
+        f"({match['dvc.processed_md5']}), parameters ({match['params.hash']}) and model code "
+        f"({match['code.hash']}); nothing trained, nothing registered, no alias moved "
+        "(`vae-pipeline run --force` trains anyway)"
+    )
+    return {
+        "run_id": None,
+        "model": {"name": name, "version": version},
+        "gate": {"decision": "up-to-date", "reason": reason, "applied": False},
+        "metrics": {},
+    }
+
+
 @flow(name="training-pipeline", log_prints=True)
-def training_pipeline(overrides: list[str] | None = None, workdir: str = ".") -> dict[str, Any]:
-    """Fetch, prepare, train, evaluate, register and promote one VAE."""
+def training_pipeline(
+    overrides: list[str] | None = None, workdir: str = ".", force: bool = False
+) -> dict[str, Any]:
+    """Fetch, prepare, train, evaluate, register and promote one VAE; with nothing changed
+    since an existing version (data, parameters, model code), stop and name it instead."""
+    from flows.events import decision_event, emit_model_event
+    from flows.lineage import model_code_hash
+    from flows.registry import matching_version, registered_model_name
+
     logger = get_run_logger()
     root = Path(workdir).resolve()
     overrides = list(overrides or [])
@@ -219,6 +243,23 @@ def training_pipeline(overrides: list[str] | None = None, workdir: str = ".") ->
     with workspace.exclusive(root, overrides) as params:
         fetch_data(str(root))
         lineage = prepare_data(str(root), params.data.dataset)
+        name = registered_model_name(params.data.dataset)
+        made_from = {
+            "dvc.processed_md5": lineage["processed_md5"],
+            "params.hash": params.hash(),
+            "code.hash": model_code_hash(),
+        }
+        match = None if force else matching_version(client, name, made_from)
+        if match is not None:
+            result = _up_to_date(name, match, made_from)
+            logger.info(result["gate"]["reason"])
+            create_markdown_artifact(
+                f"# VAE training pipeline\n\n**{result['gate']['reason']}**\n",
+                key="training-pipeline-summary",
+                description="up to date: no training, no new version",
+            )
+            emit_model_event("vae.model.up-to-date", name, match, made_from)
+            return result
         out = _train_evaluate_register(root, params, overrides, client, lineage)
     create_markdown_artifact(
         _summary(params, out),
@@ -228,5 +269,12 @@ def training_pipeline(overrides: list[str] | None = None, workdir: str = ".") ->
     reg, gate = out["reg"], out["gate"]
     logger.info(
         "run %s registered %s v%s: %s", out["run_id"], reg["name"], reg["version"], gate["decision"]
+    )
+    figures = {k: v for k, v in (gate.get("figures") or {}).items() if v is not None}
+    emit_model_event(
+        decision_event(gate),
+        reg["name"],
+        reg["version"],
+        {"run_id": out["run_id"], "reason": gate.get("reason", ""), **figures},
     )
     return {"run_id": out["run_id"], "model": reg, "gate": gate, "metrics": out["ev"]["metrics"]}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
+from flows.alias_log import move_aliases, registry_lock
 from flows.params import Params, PromoteConfig
 from flows.registry import (
     ALIAS_CHAMPION,
@@ -158,12 +159,18 @@ def apply_gate(
     version: str | int,
     decision: GateDecision | None,
     mode: str,
-) -> bool:
+    *,
+    champion: str | None = None,
+    actor: str = "promotion gate",
+) -> str:
     """Record the gate on the version and, in mode "enabled", move the aliases.
 
     "disabled" records only that the gate is off; "dry-run" records the decision and moves
     nothing; "enabled" makes a promoted version champion and the old champion
-    previous-champion. Returns whether the aliases moved.
+    previous-champion, compare-and-set: only if ``champion`` (the version the decision was
+    scored against, None for none) is still champion once the registry lock is held. If it
+    moved meanwhile, nothing moves and the decision is recorded as stale. Returns "moved",
+    "stale" or "unchanged".
     """
     version = str(version)
     require_version(client, model_name, version)
@@ -179,37 +186,54 @@ def apply_gate(
         append_description(
             client, model_name, version, "Promotion gate: disabled; aliases unchanged."
         )
-        return False
+        return "unchanged"
     if decision is None:
         raise ValueError(f"apply_gate: mode {mode!r} needs a GateDecision, found None")
 
-    moved = mode == "enabled" and decision.promote
-    previous = None
-    if moved:
-        previous = current_aliases(client, model_name).get(ALIAS_CHAMPION)
-        if previous is not None and previous != version:
-            client.set_registered_model_alias(model_name, ALIAS_PREVIOUS, previous)
-            set_version_tags(client, model_name, previous, {"gate.replaced_by": version})
-        client.set_registered_model_alias(model_name, ALIAS_CHAMPION, version)
+    result, label, reason = "unchanged", decision.label, decision.reason
+    if mode == "enabled" and decision.promote:
+        with registry_lock(client, model_name, actor):
+            now_champion = current_aliases(client, model_name).get(ALIAS_CHAMPION)
+            if now_champion != champion:
+                result, label = "stale", "stale"
+                reason = (
+                    f"stale: the champion moved from {champion or 'none'} to "
+                    f"{now_champion or 'none'} while the gate scored; nothing moved. The "
+                    f"decision against {champion or 'no champion'} was: {decision.reason}"
+                )
+            else:
+                moves = {ALIAS_CHAMPION: version}
+                if champion is not None and champion != version:
+                    moves[ALIAS_PREVIOUS] = champion
+                    set_version_tags(client, model_name, champion, {"gate.replaced_by": version})
+                move_aliases(
+                    client,
+                    model_name,
+                    moves,
+                    actor=actor,
+                    action="gate promote",
+                    reason=decision.reason,
+                    figures=decision.figures,
+                )
+                result = "moved"
+    moved = result == "moved"
     tags = {
         "gate.mode": mode,
-        "gate.decision": decision.label,
-        "gate.reason": decision.reason,
+        "gate.decision": label,
+        "gate.reason": reason,
         "gate.applied": str(moved).lower(),
         "gate.at": now(),
         **_figure_tags(decision.figures),
     }
-    if moved and previous is not None and previous != version:
-        tags["gate.previous_champion"] = previous
+    if moved and champion is not None and champion != version:
+        tags["gate.previous_champion"] = champion
     set_version_tags(client, model_name, version, tags)
     if mode == "dry-run":
         outcome = f"dry-run, nothing moved; would {decision.label}"
     else:
-        outcome = "now champion" if moved else "not promoted"
-    append_description(
-        client, model_name, version, f"Promotion gate ({mode}): {outcome}. {decision.reason}"
-    )
-    return moved
+        outcome = {"moved": "now champion", "stale": "stale"}.get(result, "not promoted")
+    append_description(client, model_name, version, f"Promotion gate ({mode}): {outcome}. {reason}")
+    return result
 
 
 def score_champion(
@@ -229,17 +253,30 @@ def score_champion(
 
 
 def gate_and_apply(
-    client: MlflowClient, name: str, version: str, eval_dir: Path, processed: Path, params: Params
+    client: MlflowClient,
+    name: str,
+    version: str,
+    eval_dir: Path,
+    processed: Path,
+    params: Params,
+    actor: str = "promotion gate",
 ) -> dict:
     """Run the gate for ``name`` version ``version`` under ``params.promote``; the outcome."""
+    scored = decide(client, name, version, eval_dir, processed, params)
+    return apply_decision(client, name, version, scored, params.promote.mode, actor)
+
+
+def decide(
+    client: MlflowClient, name: str, version: str, eval_dir: Path, processed: Path, params: Params
+) -> dict:
+    """The gate's scoring half: the decision and the champion it was made against (None with
+    the gate disabled). Nothing in the registry changes here."""
     from vae_core.data import load_processed
     from vae_core.evaluation.report import load_per_example
     from vae_core.training.run import test_inputs
 
-    mode = params.promote.mode
-    if mode == "disabled":
-        apply_gate(client, name, version, None, mode)
-        return {"decision": "not-evaluated", "reason": "promotion gate disabled", "applied": False}
+    if params.promote.mode == "disabled":
+        return {"decision": None, "champion": None}
     challenger_nll, indices, metrics = load_per_example(eval_dir)
     champion = champion_version(name, client=client)
     champion_nll = None
@@ -258,11 +295,24 @@ def gate_and_apply(
             params.evaluate.seed,
         )
     decision = evaluate_gate(challenger_nll, champion_nll, params.promote, params.evaluate.seed)
-    applied = apply_gate(client, name, version, decision, mode)
+    return {"decision": decision, "champion": champion}
+
+
+def apply_decision(
+    client: MlflowClient, name: str, version: str, scored: dict, mode: str, actor: str
+) -> dict:
+    """The gate's registry half: record and (compare-and-set) move; the outcome as a dict."""
+    decision: GateDecision | None = scored["decision"]
+    result = apply_gate(
+        client, name, version, decision, mode, champion=scored["champion"], actor=actor
+    )
+    if decision is None:
+        return {"decision": "not-evaluated", "reason": "promotion gate disabled", "applied": False}
+    tags = client.get_model_version(name, version).tags
     return {
-        "decision": decision.label,
-        "reason": decision.reason,
-        "applied": applied,
-        "champion_before": champion,
+        "decision": tags["gate.decision"],
+        "reason": tags["gate.reason"],
+        "applied": result == "moved",
+        "champion_before": scored["champion"],
         "figures": decision.figures,
     }

@@ -17,6 +17,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from flows.alias_log import move_aliases, registry_lock
 from vae_core.errors import VaeError
 
 ALIAS_CHAMPION = "champion"
@@ -96,7 +97,16 @@ def register_version(
         client.update_model_version(
             model_name, version, description=description[:DESCRIPTION_LIMIT]
         )
-    client.set_registered_model_alias(model_name, ALIAS_CHALLENGER, version)
+    actor = str_tags.get("prefect.flow_run_name") or f"run {run_id}"
+    with registry_lock(client, model_name, actor):
+        move_aliases(
+            client,
+            model_name,
+            {ALIAS_CHALLENGER: version},
+            actor=actor,
+            action="registered",
+            reason=f"newest version, registered from MLflow run {run_id}",
+        )
     return client.get_model_version(model_name, version)
 
 
@@ -151,11 +161,19 @@ def promote_version(
     reason, actor = _check_words(reason, actor)
     version = str(version)
     require_version(client, model_name, version)
+    with registry_lock(client, model_name, actor):
+        return _promote_locked(client, model_name, version, reason, actor)
+
+
+def _promote_locked(
+    client: MlflowClient, model_name: str, version: str, reason: str, actor: str
+) -> AliasChange:
     current = current_aliases(client, model_name).get(ALIAS_CHAMPION)
     if current == version:
         raise RegistryError(f"model {model_name!r} version {version} is already champion")
+    moves = {ALIAS_CHAMPION: version} | ({ALIAS_PREVIOUS: current} if current else {})
+    move_aliases(client, model_name, moves, actor=actor, action="manual promote", reason=reason)
     if current is not None:
-        client.set_registered_model_alias(model_name, ALIAS_PREVIOUS, current)
         _set_manual_tags(
             client, model_name, current, _manual_tags("demoted", reason, actor, replaced_by=version)
         )
@@ -166,7 +184,6 @@ def promote_version(
             f"Manual promotion of version {version} by {actor} at {now()}: this version is "
             f"now previous-champion. Reason: {reason}",
         )
-    client.set_registered_model_alias(model_name, ALIAS_CHAMPION, version)
     _set_manual_tags(
         client,
         model_name,
@@ -197,6 +214,11 @@ def rollback(
     """
     client = _client(client)
     reason, actor = _check_words(reason, actor)
+    with registry_lock(client, model_name, actor):
+        return _rollback_locked(client, model_name, reason, actor)
+
+
+def _rollback_locked(client: MlflowClient, model_name: str, reason: str, actor: str) -> AliasChange:
     aliases = current_aliases(client, model_name)
     target = aliases.get(ALIAS_PREVIOUS)
     if target is None:
@@ -206,9 +228,10 @@ def rollback(
         )
     require_version(client, model_name, target)
     current = aliases.get(ALIAS_CHAMPION)
-    client.set_registered_model_alias(model_name, ALIAS_CHAMPION, target)
-    if current is not None and current != target:
-        client.set_registered_model_alias(model_name, ALIAS_PREVIOUS, current)
+    swapped = current is not None and current != target
+    moves = {ALIAS_CHAMPION: target, ALIAS_PREVIOUS: current if swapped else None}
+    move_aliases(client, model_name, moves, actor=actor, action="rollback", reason=reason)
+    if swapped:
         _set_manual_tags(
             client,
             model_name,
@@ -222,8 +245,6 @@ def rollback(
             f"Rolled back by {actor} at {now()}: champion returned to version {target}; "
             f"this version is now previous-champion. Reason: {reason}",
         )
-    else:
-        client.delete_registered_model_alias(model_name, ALIAS_PREVIOUS)
     _set_manual_tags(
         client,
         model_name,
@@ -239,6 +260,21 @@ def rollback(
     )
     new_previous = current if current is not None and current != target else None
     return AliasChange(model_name, "rollback", target, new_previous)
+
+
+#: The tags that say what a version was made from: the same three, the same model.
+MATCH_TAGS = ("dvc.processed_md5", "params.hash", "code.hash")
+
+
+def matching_version(client: MlflowClient, model_name: str, tags: dict[str, str]) -> str | None:
+    """The newest version of ``model_name`` made from the same data, parameters and model code
+    (the MATCH_TAGS of ``tags``), or None."""
+    values = [model_name, *(str(tags[key]) for key in MATCH_TAGS)]
+    if any("'" in value for value in values):  # not a name or hash this project writes
+        return None
+    clauses = [f"name = '{model_name}'"] + [f"tags.`{k}` = '{tags[k]}'" for k in MATCH_TAGS]
+    found = client.search_model_versions(" and ".join(clauses))
+    return max((str(v.version) for v in found), key=int, default=None)
 
 
 def champion_version(model_name: str, *, client: MlflowClient | None = None) -> str | None:

@@ -1,4 +1,4 @@
-"""DVC stage entry points: ``python -m flows.stages fetch`` and ``python -m flows.stages prepare``.
+"""DVC stage entry points: ``python -m flows.stages source|fetch|prepare``.
 
 Each reads its section of params.yaml (overrides with ``-S key.sub=value``, like ``dvc exp run
 -S``), takes its paths as arguments (defaults ``data/raw/<dataset>`` and
@@ -12,16 +12,29 @@ Kept light on purpose: no prefect or mlflow import, so a stage starts in about a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from flows.params import DEFAULT_PATH, Params, add_override_argument, load_params
-from flows.workspace import processed_dir, raw_dir
+from flows.workspace import processed_dir, raw_dir, source_file
 from vae_core.errors import VaeError
 
 EXIT_BAD_INPUT = 2
+
+
+def run_source(params: Params, out: Path | None = None) -> dict[str, Any]:
+    """The source stage: fingerprint the bytes behind data.source (always run, cheap); the
+    file changes, and fetch re-runs, only when they changed."""
+    from vae_core.atomic import atomic_write_text
+    from vae_core.data.sources import source_fingerprint
+
+    fingerprint = source_fingerprint(params.data.source, params.data.dataset)
+    out = out if out is not None else source_file(".", params.data.dataset)
+    atomic_write_text(out, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+    return fingerprint
 
 
 def run_fetch(params: Params, out: Path | None = None) -> dict[str, Any]:
@@ -71,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         common, "override a parameter in memory, e.g. -S data.split_seed=1 (repeatable)"
     )
     sub = parser.add_subparsers(dest="stage", required=True)
+    source = sub.add_parser("source", parents=[common], help="fingerprint data.source")
+    source.add_argument("--out", type=Path, default=None, help="default: data/source/<ds>.json")
     fetch = sub.add_parser("fetch", parents=[common], help="bring the raw IDX files in")
     fetch.add_argument("--out", type=Path, default=None, help="default: data/raw/<dataset>")
     prepare = sub.add_parser("prepare", parents=[common], help="validate, split, save")
@@ -84,7 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         params = load_params(args.params, args.overrides)
-        if args.stage == "fetch":
+        if args.stage == "source":
+            files = run_source(params, args.out)["files"]
+            print(f"source: {params.data.source}: {len(files)} file(s) fingerprinted")
+        elif args.stage == "fetch":
             manifest = run_fetch(params, args.out)
             counts = manifest["counts"]
             print(

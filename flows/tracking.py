@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from flows.lineage import model_code_hash
 from vae_core.errors import VaeError
 
 if TYPE_CHECKING:
@@ -138,6 +139,17 @@ def prefect_context() -> dict[str, str]:
     return tags
 
 
+def prefect_actor() -> str:
+    """Who is acting, for the alias history: the flow run, and its deployment if scheduled."""
+    context = prefect_context()
+    actor = (
+        f"prefect flow run {context['prefect.flow_run_name']} ({context['prefect.flow_run_id']})"
+    )
+    if "prefect.deployment" in context:
+        actor += f", deployment {context['prefect.deployment']}"
+    return actor
+
+
 def lineage_tags(params: Params, lineage: dict, workdir: Path, device: str) -> dict[str, str]:
     import torch
 
@@ -146,6 +158,7 @@ def lineage_tags(params: Params, lineage: dict, workdir: Path, device: str) -> d
         "dvc.raw_md5": lineage["raw_md5"],
         "dvc.processed_md5": lineage["processed_md5"],
         "params.hash": params.hash(),
+        "code.hash": model_code_hash(),
         "data.dataset": params.data.dataset,
         "data.source": params.data.source,
         "device": device,

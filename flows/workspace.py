@@ -21,6 +21,11 @@ PARAMS_NAME = "params.yaml"
 DVC_LOCK_NAME = "dvc.lock"
 
 
+def source_file(root: str | Path, dataset: str) -> Path:
+    """The source stage's output: a fingerprint of the bytes behind data.source."""
+    return Path(root) / "data" / "source" / f"{dataset}.json"
+
+
 def raw_dir(root: str | Path, dataset: str) -> Path:
     """The fetch stage's output: the four IDX files and manifest.json."""
     return Path(root) / "data" / "raw" / dataset

@@ -59,8 +59,9 @@ def test_repro_on_embedded_data_then_up_to_date(dvc_project: Path, baseline, dvc
 
     again = dvc(dvc_project, "repro", "prepare")
     assert again.returncode == 0
-    assert "Data and pipelines are up to date" in again.stdout
-    assert not ran(again, "fetch") and not ran(again, "prepare")
+    # Only the cheap source fingerprint runs; the same bytes behind the source: nothing else.
+    assert ran(again, "source") and not ran(again, "fetch") and not ran(again, "prepare")
+    assert "Stage 'fetch' didn't change, skipping" in again.stdout
 
 
 def test_split_seed_reruns_prepare_only(dvc_project: Path, baseline, dvc, digest) -> None:
@@ -87,11 +88,18 @@ BAD_INPUTS = {
 }
 
 
+def data_stages(project: Path) -> dict:
+    """The fetch and prepare entries of dvc.lock: what pins the data (the source stage's own
+    entry records the fingerprint it last saw, whatever fetch made of it)."""
+    stages_lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return {name: stages_lock[name] for name in ("fetch", "prepare")}
+
+
 def test_bad_inputs_fail_clearly_and_checkout_restores(
     dvc_project: Path, baseline, dvc, digest, tmp_path: Path, write_raw
 ) -> None:
     params_text = (dvc_project / "params.yaml").read_text()
-    lock_text = (dvc_project / "dvc.lock").read_text()
+    data_stages_before = data_stages(dvc_project)
     write_raw(tmp_path / "idx", 1000, 200)
     f = tmp_path / "idx" / "train-images-idx3-ubyte.gz"
     f.write_bytes(f.read_bytes()[:-500])
@@ -109,14 +117,16 @@ def test_bad_inputs_fail_clearly_and_checkout_restores(
         output = result.stdout + result.stderr
         assert "error: " in output and message in output, output
         assert "Traceback" not in output
-        assert (dvc_project / "dvc.lock").read_text() == lock_text  # still pins good data
+        assert data_stages(dvc_project) == data_stages_before  # still pins good data
 
     # DVC removed the outputs of the stages it tried to run; restoring params.yaml and
     # checking out brings them back from the cache, byte for byte.
     (dvc_project / "params.yaml").write_text(params_text)
     restored = dvc(dvc_project, "checkout", "prepare")
     assert restored.returncode == 0, restored.stderr
-    assert digest(dvc_project / "data") == baseline["data"]
+    # (the source fingerprint is not data: it says what the source stage saw last)
+    data = {k: v for k, v in digest(dvc_project / "data").items() if not k.startswith("source/")}
+    assert data == {k: v for k, v in baseline["data"].items() if not k.startswith("source/")}
     status = dvc(dvc_project, "status", "prepare")
     assert "up to date" in status.stdout, status.stdout
 
@@ -143,6 +153,34 @@ def test_folder_source_reruns_both(
     assert stats["counts"] == {"train": 500, "val": 500, "test": 200}
     assert data_lineage(dvc_project)["raw_md5"] != baseline["lineage"]["raw_md5"]
     # (last of the real-DVC tests: it leaves the scratch project on the folder source)
+
+
+def test_new_bytes_behind_the_same_folder_are_fetched(
+    dvc_project: Path, baseline, dvc, write_raw, tmp_path: Path
+) -> None:
+    """The source path stays the same; the files behind it change (a new release lands)."""
+    folder = tmp_path / "incoming"
+    write_raw(folder, 1000, 200)
+    set_params(dvc_project, f"data.source={folder}", "data.val_size=500", "data.split_seed=0")
+    try:
+        first = dvc(dvc_project, "repro", "prepare")
+        assert first.returncode == 0, first.stderr
+        before = data_lineage(dvc_project)
+        same = dvc(dvc_project, "repro", "prepare")
+        assert ran(same, "source") and not ran(same, "fetch") and not ran(same, "prepare")
+
+        write_raw(folder, 1800, 300, seed=1)  # another valid dataset, same folder
+        changed = dvc(dvc_project, "repro", "prepare")
+        assert changed.returncode == 0, changed.stderr
+        assert ran(changed, "fetch") and ran(changed, "prepare")
+        after = data_lineage(dvc_project)
+        assert after["raw_md5"] != before["raw_md5"]
+        assert after["processed_md5"] != before["processed_md5"]
+        stats = json.loads((dvc_project / "data/processed/mnist/stats.json").read_text())
+        assert stats["counts"] == {"train": 1300, "val": 500, "test": 300}
+    finally:
+        set_params(dvc_project, *DEFAULTS)
+        assert dvc(dvc_project, "repro", "prepare").returncode == 0
 
 
 # --------------------------------------------------------------------------- each bad input
@@ -238,6 +276,7 @@ def test_workspace_paths_are_the_ones_dvc_yaml_writes(tmp_path: Path, repo_root:
         for name, stage in stages_yaml.items()
     }
     assert outs == {
+        "source": workspace.source_file(".", "fashion-mnist").as_posix(),
         "fetch": workspace.raw_dir(".", "fashion-mnist").as_posix(),
         "prepare": workspace.processed_dir(".", "fashion-mnist").as_posix(),
         "classifier": workspace.classifier_dir(".", "fashion-mnist").as_posix(),

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from flows.cli import main as cli_main
-from flows.lineage import data_lineage
+from flows.lineage import data_lineage, model_code_hash
 from flows.params import load_params
 from flows.pipeline import training_pipeline
 
@@ -33,9 +33,11 @@ def with_epochs(overrides: list[str], epochs: int) -> list[str]:
     return [o for o in overrides if not o.startswith("train.epochs=")] + [f"train.epochs={epochs}"]
 
 
-def run_pipeline(workdir: Path, overrides: list[str]) -> SimpleNamespace:
+def run_pipeline(workdir: Path, overrides: list[str], force: bool = False) -> SimpleNamespace:
     start = time.monotonic()
-    state = training_pipeline(overrides=overrides, workdir=str(workdir), return_state=True)
+    state = training_pipeline(
+        overrides=overrides, workdir=str(workdir), force=force, return_state=True
+    )
     seconds = time.monotonic() - start
     assert state.is_completed(), f"flow run ended {state.type}: {state.message}"
     result = state.result()
@@ -62,6 +64,14 @@ def scenario(prefect_harness, isolated_mlflow_uri, workspace_factory, tiny_overr
     run2 = run_pipeline(ws, with_epochs(tiny_overrides, 0))
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     aliases = dict(client.get_registered_model(MODEL).aliases)
+    # Nothing changed since run 2: no training, no version; then the same with --force.
+    run3 = run_pipeline(ws, run2.overrides)
+    after_skip = {
+        "aliases": dict(client.get_registered_model(MODEL).aliases),
+        "versions": sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'")),
+        "runs": len(client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])),
+    }
+    run4 = run_pipeline(ws, run2.overrides, force=True)
     print(
         f"\nworkspace {ws}\nrun 1: {run1.seconds:.0f} s, run 2: {run2.seconds:.0f} s; "
         f"aliases after two runs: {aliases}"
@@ -71,6 +81,9 @@ def scenario(prefect_harness, isolated_mlflow_uri, workspace_factory, tiny_overr
         head=head,
         run1=run1,
         run2=run2,
+        run3=run3,
+        run4=run4,
+        after_skip=after_skip,
         client=client,
         aliases_after_runs=aliases,
         lock_after_run1=lock_after_run1,
@@ -145,6 +158,67 @@ def test_worse_second_run_is_registered_but_not_promoted(scenario) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.tags["gate.decision"] == "reject"
     assert run.data.params["train.epochs"] == "0"
+
+
+def test_nothing_changed_trains_nothing_until_forced(scenario) -> None:
+    run2, run3, run4 = scenario.run2, scenario.run3, scenario.run4
+    gate = run3.result["gate"]
+    assert gate["decision"] == "up-to-date" and gate["applied"] is False
+    assert run3.result["model"] == {"name": MODEL, "version": "2"}
+    assert run3.result["run_id"] is None
+    assert "up to date: mnist-vae v2" in gate["reason"] and "--force" in gate["reason"]
+    # Registered nothing, moved nothing, started no MLflow run.
+    assert scenario.after_skip["versions"] == [1, 2]
+    assert scenario.after_skip["aliases"] == scenario.aliases_after_runs
+    assert scenario.after_skip["runs"] == 2
+    # The version says what it was made from; the skipped run matched exactly that.
+    made_from = version_tags(scenario, "2")
+    assert {k: made_from[k] for k in ("dvc.processed_md5", "params.hash", "code.hash")} == {
+        "dvc.processed_md5": data_lineage(scenario.ws)["processed_md5"],
+        "params.hash": load_params(scenario.ws / "params.yaml", run2.overrides).hash(),
+        "code.hash": model_code_hash(),
+    }
+    # --force trains and registers anyway (the same figures: training is deterministic).
+    assert run4.result["model"] == {"name": MODEL, "version": "3"}
+    assert run4.result["gate"]["decision"] == "reject"
+    assert run4.result["metrics"]["test_nll_iwae"] == pytest.approx(
+        run2.result["metrics"]["test_nll_iwae"]
+    )
+
+
+def test_the_summary_artifact_and_events_name_each_decision(scenario) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[scenario.run3.flow_run_id])
+            )
+        )
+        (summary,) = [a for a in artifacts if a.key == "training-pipeline-summary"]
+        assert "up to date: mnist-vae v2" in summary.data
+
+        # Events reach the API through a background client: wait for them, not for a clock.
+        wanted = {
+            ("vae.model.promoted", "1"),
+            ("vae.model.rejected", "2"),
+            ("vae.model.up-to-date", "2"),
+            ("vae.model.rejected", "3"),
+        }
+        name_filter = EventNameFilter(prefix=["vae.model."])
+        deadline = time.monotonic() + 120
+        while True:
+            page = client.read_events(filter=EventFilter(event=name_filter), limit=50)
+            seen = {(e.event, e.resource["mlflow.version"]) for e in page.events}
+            if wanted <= seen or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert wanted <= seen, seen
+        (event,) = [e for e in page.events if e.event == "vae.model.up-to-date"]
+        assert event.resource.id == "mlflow.model-version.mnist-vae.2"
+        assert event.payload["params.hash"] and event.payload["code.hash"]
 
 
 # --------------------------------------------------------------------------- lineage
@@ -334,7 +408,7 @@ def test_manual_promote_then_rollback_move_aliases(scenario, capsys) -> None:
     promote_reason = "manual check: promote the untrained version 2"
     assert cli_main(["promote", "2", "--reason", promote_reason, *ws]) == 0
     assert "champion='2'" in capsys.readouterr().out
-    assert aliases(scenario) == {"champion": "2", "previous-champion": "1", "challenger": "2"}
+    assert aliases(scenario) == {"champion": "2", "previous-champion": "1", "challenger": "3"}
     v2, v1 = version_tags(scenario, "2"), version_tags(scenario, "1")
     assert v2["manual.action"] == "promote"
     assert v2["manual.reason"] == promote_reason
@@ -352,7 +426,7 @@ def test_manual_promote_then_rollback_move_aliases(scenario, capsys) -> None:
     rollback_reason = "roll back: version 2 was never trained"
     assert cli_main(["rollback", "--reason", rollback_reason, *ws]) == 0
     capsys.readouterr()
-    assert aliases(scenario) == {"champion": "1", "previous-champion": "2", "challenger": "2"}
+    assert aliases(scenario) == {"champion": "1", "previous-champion": "2", "challenger": "3"}
     v2, v1 = version_tags(scenario, "2"), version_tags(scenario, "1")
     assert v1["manual.action"] == "rollback-to"
     assert v1["manual.reason"] == rollback_reason

@@ -16,9 +16,11 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
+from flows.alias_log import history_table, read_history, registry_lock
 from flows.model_io import (
     SAFETENSORS_NAME,
     ModelLoadError,
@@ -150,7 +152,7 @@ def _gate(logged, client, name, version, champion_version, test_x, floor=1e6, mo
         champion_uri = f"models:/{name}@{ALIAS_CHAMPION}"
         champion_nll = score_champion(champion_uri, test_x, indices, config, k=4, seed=0)
     decision = evaluate_gate(challenger_nll, champion_nll, _config(floor), seed=0)
-    apply_gate(client, name, version, decision, mode)
+    apply_gate(client, name, version, decision, mode, champion=champion_version)
     return decision
 
 
@@ -269,7 +271,7 @@ def test_dry_run_and_disabled_record_but_move_nothing(backend, logged, name, tes
     assert "would promote" in client.get_model_version(name, v2).description
 
     v3 = _register(logged, "good", name)
-    assert not apply_gate(client, name, v3, None, "disabled")
+    assert apply_gate(client, name, v3, None, "disabled") == "unchanged"
     assert _aliases(client, name)[ALIAS_CHAMPION] == v1
     tags = _tags(client, name, v3)
     assert (tags["gate.mode"], tags["gate.decision"]) == ("disabled", "not-evaluated")
@@ -371,3 +373,92 @@ def test_pickle_payloads_are_refused(backend, logged, tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - exec returns None, which is not a model
         load_vae(f"runs:/{run.info.run_id}/pickled", allow_pickle=True)
     assert marker.read_text() == "pwned"
+
+
+# --------------------------------------------------------------------------- races, history
+
+
+def test_a_stale_gate_decision_moves_nothing_and_says_so(backend, logged, name, test_x):
+    """The race, in order: the gate scores v3 against champion v1; a person promotes v2 by hand
+    meanwhile; the gate's compare-and-set then finds v2, not v1, and moves nothing."""
+    client = backend["client"]
+    v1 = _register(logged, "bad", name)
+    _gate(logged, client, name, v1, None, test_x)
+    v2 = _register(logged, "terrible", name)
+    v3 = _register(logged, "good", name)
+    challenger, config = load_vae_with_config(f"models:/{name}/{v3}")
+    indices = np.arange(len(test_x))
+    from vae_core.evaluation.likelihood import iwae_log_likelihood
+
+    challenger_nll = -iwae_log_likelihood(challenger, test_x, 4, seed=0, indices=indices)
+    champion_nll = score_champion(f"models:/{name}/{v1}", test_x, indices, config, k=4, seed=0)
+    decision = evaluate_gate(challenger_nll, champion_nll, _config(1e6), seed=0)
+    assert decision.promote  # the gate would promote v3 over v1 ...
+
+    promote_version(name, v2, "hand-picked while the gate was scoring", "alice", client=client)
+    outcome = apply_gate(client, name, v3, decision, "enabled", champion=v1, actor="gate")
+    assert outcome == "stale"  # ... but v1 is no longer champion: nothing moves
+    assert _aliases(client, name)[ALIAS_CHAMPION] == v2
+    tags = _tags(client, name, v3)
+    assert tags["gate.decision"] == "stale" and tags["gate.applied"] == "false"
+    assert "champion moved from 1 to 2" in tags["gate.reason"]
+    history = read_history(client, name)
+    assert [(e["action"], e["alias"], e["from"], e["to"]) for e in history] == [
+        ("registered", ALIAS_CHALLENGER, None, v1),
+        ("gate promote", ALIAS_CHAMPION, None, v1),
+        ("registered", ALIAS_CHALLENGER, v1, v2),
+        ("registered", ALIAS_CHALLENGER, v2, v3),
+        ("manual promote", ALIAS_CHAMPION, v1, v2),
+        ("manual promote", ALIAS_PREVIOUS, None, v1),
+    ]
+    assert history[4]["actor"] == "alice"
+    assert history[4]["reason"] == "hand-picked while the gate was scoring"
+    assert history[1]["figures"]["n"] == len(test_x)  # the gate's figures travel along
+
+
+def test_history_table_lists_every_move(backend, logged, name):
+    client = backend["client"]
+    v1 = _register(logged, "good", name)
+    v2 = _register(logged, "bad", name)
+    promote_version(name, v1, "first champion", "bob", client=client)
+    promote_version(name, v2, "second", "bob", client=client)
+    rollback(name, "back to the first", "carol", client=client)
+    table = history_table(read_history(client, name))
+    rows = [line for line in table.splitlines()[2:]]
+    assert len(rows) == 2 + 1 + 2 + 2  # challenger x2, promote (1 alias), promote x2, rollback x2
+    assert rows[-2].startswith("| 6 |") and "| carol | rollback | champion | 2 | 1 |" in rows[-2]
+    assert "| back to the first |" in rows[-1]
+
+
+def test_the_registry_lock_serializes_a_second_writer(backend, logged, name, tmp_path):
+    """A manual promote in another process waits while the lock is held (it says so on stderr),
+    and goes through once it is released: nothing is lost, nothing is overwritten."""
+    import subprocess
+    import sys
+
+    client = backend["client"]
+    v1 = _register(logged, "good", name)
+    script = (
+        "import sys, mlflow\n"
+        "from flows.registry import promote_version\n"
+        f"mlflow.set_tracking_uri({mlflow.get_tracking_uri()!r})\n"
+        f"promote_version({name!r}, {v1!r}, 'from another workspace', 'dave')\n"
+        "print('done', flush=True)\n"
+    )
+    with registry_lock(client, name, "the test"):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        first = proc.stderr.readline()  # the writer reports that it waits: a point, not a clock
+        assert f"waiting for the registry lock '{name}.lock' held by the test" in first
+        assert ALIAS_CHAMPION not in _aliases(client, name)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.strip() == "done"
+    assert _aliases(client, name)[ALIAS_CHAMPION] == v1
+    assert read_history(client, name)[-1]["actor"] == "dave"
+    with pytest.raises(MlflowException):  # the lock is gone again
+        client.get_registered_model(f"{name}.lock")

@@ -347,9 +347,12 @@ def test_all_trials_are_child_runs_with_the_same_keys(scenario) -> None:
         "8",
     ]
     assert all(r.data.params["train.epochs"] == "1" for r in runs.values())
-    # ... and one set of metric names for every finished child.
+    # ... and one set of metric names for every finished child (system metrics aside: MLflow
+    # samples them on a clock, so a shorter trial may have fewer).
     finished = [r for r in runs.values() if r.info.status == "FINISHED"]
-    metric_keys = {frozenset(r.data.metrics) for r in finished}
+    metric_keys = {
+        frozenset(k for k in r.data.metrics if not k.startswith("system/")) for r in finished
+    }
     assert len(finished) == 2 and len(metric_keys) == 1
     assert {"train.best_val_neg_elbo", "test_neg_elbo", "test_nll_iwae", "val_neg_elbo"} <= set(
         next(iter(metric_keys))

@@ -112,6 +112,9 @@ def test_served_flow_runs_on_its_schedule(
         (schedule,) = deployment["schedules"]
         assert schedule["schedule"]["interval"] == 5.0
         assert deployment["parameters"]["workdir"] == str(ws.resolve())
+        # Overlapping runs: the server lets one run at a time and queues the next.
+        assert deployment["global_concurrency_limit"]["limit"] == 1
+        assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
 
         def runs(*state_types: str) -> list[dict]:
             found = api(
@@ -187,6 +190,8 @@ def test_prefect_yaml_deploys_to_a_process_pool(
     (schedule,) = deployment["schedules"]
     assert schedule["schedule"]["cron"] == "0 2 * * *"
     assert schedule["active"] is True
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     # The worker will run it in the folder it was deployed from: the workspace.
     (step,) = deployment["pull_steps"]
     directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
