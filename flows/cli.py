@@ -33,7 +33,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from vae_core.data import load_splits
     from vae_core.evaluation.likelihood import elbo_summary
     from vae_core.training import run_training
-    from vae_core.training.run import VARIANT_LABELS, test_inputs
+    from vae_core.training.run import VARIANT_LABELS, split_inputs
 
     params = load_params(args.params, args.overrides)
     data = params.data
@@ -41,13 +41,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data.source,
         data.dataset,
         val_size=data.val_size,
+        holdout_size=data.holdout_size,
         split_seed=data.split_seed,
         binarize_seed=data.binarize_seed,
         retries=params.fetch.retries,
         backoff_s=params.fetch.backoff_s,
     )
     outcome = run_training(splits, params.model, params.train, args.out, resume=not args.no_resume)
-    x_test = test_inputs(splits, params.train.data_variant)
+    x_test = split_inputs(splits, "test", params.train.data_variant)
     with torch.inference_mode():
         test = elbo_summary(outcome.model, x_test.to(outcome.metrics["device"]), seed=0)
     metrics = outcome.metrics | {

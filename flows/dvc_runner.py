@@ -9,9 +9,17 @@ from pathlib import Path
 
 from vae_core.errors import VaeError
 
+#: What the stage entry points (flows.stages) exit with for bad data or parameters.
+BAD_INPUT_MARK = "exited with 2"
+
 
 class DvcError(VaeError, RuntimeError):
     """A `dvc` command failed; the message carries DVC's own explanation."""
+
+    @property
+    def bad_input(self) -> bool:
+        """A stage refused its data or parameters: trying again cannot help."""
+        return BAD_INPUT_MARK in str(self)
 
 
 def dvc(*args: str, cwd: Path) -> str:
@@ -24,8 +32,11 @@ def dvc(*args: str, cwd: Path) -> str:
     cmd = [str(exe) if exe.exists() else "dvc", *args]
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        detail = "\n".join(line for line in (out.stderr + out.stdout).splitlines() if line.strip())
-        raise DvcError(f"`dvc {' '.join(args)}` failed in {cwd}:\n{detail}")
+        lines = [line for line in (out.stderr + out.stdout).splitlines() if line.strip()]
+        # A stage's own one-line reason ("error: <file>: <what>") first, DVC's account after.
+        reason = next((ln.removeprefix("error: ") for ln in lines if ln.startswith("error: ")), "")
+        detail = "\n".join(lines)
+        raise DvcError(f"`dvc {' '.join(args)}` failed in {cwd}: {reason}\n{detail}".strip())
     return out.stdout
 
 

@@ -7,6 +7,7 @@ these hashes on every run and model version, so a model names the data it learne
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -111,4 +112,9 @@ def data_lineage(repo_root: str | os.PathLike[str] = ".", dataset: str | None = 
             if (params.get(section) or {}).get(key) != value:
                 in_sync = False
     result["params_match_lock"] = in_sync
+    stats = root / result["processed"]["path"] / "stats.json"
+    try:
+        result["counts"] = json.loads(stats.read_text())["counts"]
+    except (OSError, ValueError, KeyError):
+        result["counts"] = None  # not pulled here: the md5 still names the data
     return result

@@ -226,18 +226,20 @@ def read_yaml_mapping(path: Path, what: str, error: type[VaeError] = ParamsError
 
 
 def _check_val_size_fits(params: Params) -> None:
-    """Refuse a ``data.val_size`` that leaves no training image when the source's size is
+    """Refuse a ``data.val_size`` + ``data.holdout_size`` that leaves no training image when
+    the source's size is
     known without fetching (named sources, a folder's IDX header); prepare checks the real
     count again."""
     from vae_core.data.sources import train_count_hint
 
     data = params.data
     n = train_count_hint(data.source, data.dataset)
-    if n is not None and data.val_size > n - 1:
+    if n is not None and data.val_size + data.holdout_size > n - 1:
         raise ParamsError(
-            f"data.val_size = {data.val_size!r} does not fit the training set of {n} images "
-            f"of data.source = {data.source!r}: expected an integer from 1 to {n - 1} (at "
-            "least one image must remain for training)"
+            f"data.val_size = {data.val_size!r} and data.holdout_size = {data.holdout_size!r} "
+            f"do not fit the training set of {n} images of data.source = {data.source!r}: "
+            f"expected val_size + holdout_size from 2 to {n - 1} (at least one image must "
+            "remain for training)"
         )
 
 

@@ -26,9 +26,22 @@ from flows.lineage import data_lineage
 from flows.params import Params, load_params
 
 
-@task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed fetch unless a stage refused its input (a missing folder, a truncated
+    file, a bad value): the same input would fail the same way."""
+    error = state.result(raise_on_failure=False)
+    return not (isinstance(error, dvc_runner.DvcError) and error.bad_input)
+
+
+@task(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_worth_retrying,
+)
 def fetch_data(workdir: str) -> str:
-    """`dvc repro fetch`; a transient source failure is retried with exponential backoff."""
+    """`dvc repro fetch` (with the source fingerprint before it); a transient failure is
+    retried with exponential backoff, bad input is not."""
     return dvc_runner.repro("fetch", cwd=Path(workdir))
 
 
@@ -132,6 +145,7 @@ def register(params: Params, run_id: str, tracking_uri: str, model_uri: str, tag
         tags,
         description=f"Trained by MLflow run {run_id}; data md5 {tags.get('dvc.processed_md5')}.",
         model_uri=model_uri,
+        actor=tracking.prefect_actor(),
     )
     return {"name": name, "version": str(version.version)}
 

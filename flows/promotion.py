@@ -1,11 +1,13 @@
-"""The promotion gate: score the champion on the examples the challenger was evaluated on,
-decide with a paired bootstrap, and record the decision on the version (moving aliases in mode
-``enabled``).
+"""The promotion gate: score the champion on the holdout examples the challenger was evaluated
+on, decide with a paired bootstrap, and record the decision on the version (moving aliases in
+mode ``enabled``).
 
-The challenger's per-example IWAE NLL is not computed again: evaluation wrote it together with
-the test indices it covers, and each example's importance samples are seeded by its index, so
-scoring the champion on the same indices with the same k and seed gives figures paired example
-by example: their difference is the models', not the noise's.
+The gate decides on the holdout split (carved from the training data by the prepare stage),
+never on the test set, which is only reported. The challenger's per-example IWAE NLL is not
+computed again: evaluation wrote it together with the holdout indices it covers, and each
+example's importance samples are seeded by its index, so scoring the champion on the same
+indices with the same k and seed gives figures paired example by example: their difference is
+the models', not the noise's.
 """
 
 from __future__ import annotations
@@ -273,15 +275,15 @@ def decide(
     the gate disabled). Nothing in the registry changes here."""
     from vae_core.data import load_processed
     from vae_core.evaluation.report import load_per_example
-    from vae_core.training.run import test_inputs
+    from vae_core.training.run import split_inputs
 
     if params.promote.mode == "disabled":
         return {"decision": None, "champion": None}
-    challenger_nll, indices, metrics = load_per_example(eval_dir)
+    challenger_nll, indices, metrics = load_per_example(eval_dir, "holdout")
     champion = champion_version(name, client=client)
     champion_nll = None
     if champion is not None and champion != version:
-        x = test_inputs(load_processed(processed), params.train.data_variant)[indices]
+        x = split_inputs(load_processed(processed), "holdout", params.train.data_variant)[indices]
         challenger_config = {
             "likelihood": metrics["likelihood"],
             "data_variant": metrics["data_variant"],

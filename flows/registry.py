@@ -81,6 +81,7 @@ def register_version(
     tags: dict,
     description: str,
     model_uri: str | None = None,
+    actor: str | None = None,
 ) -> ModelVersion:
     """Register the model logged as `artifact_name` in run `run_id`, aliased `challenger`.
 
@@ -97,7 +98,7 @@ def register_version(
         client.update_model_version(
             model_name, version, description=description[:DESCRIPTION_LIMIT]
         )
-    actor = str_tags.get("prefect.flow_run_name") or f"run {run_id}"
+    actor = actor or f"MLflow run {run_id}"
     with registry_lock(client, model_name, actor):
         move_aliases(
             client,

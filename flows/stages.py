@@ -61,12 +61,14 @@ def run_prepare(params: Params, raw: Path | None = None, out: Path | None = None
     arrays, indices = split_arrays(
         *load_raw(raw if raw is not None else raw_dir(".", data.dataset)),
         val_size=data.val_size,
+        holdout_size=data.holdout_size,
         split_seed=data.split_seed,
         binarize_seed=data.binarize_seed,
     )
     extra = {
         "dataset": data.dataset,
         "val_size": data.val_size,
+        "holdout_size": data.holdout_size,
         "split_seed": data.split_seed,
         "binarize_seed": data.binarize_seed,
     }

@@ -6,6 +6,7 @@ Tasks log through an explicit run id (MlflowClient), never through a run that mu
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -157,6 +158,7 @@ def lineage_tags(params: Params, lineage: dict, workdir: Path, device: str) -> d
         **git_state(workdir),
         "dvc.raw_md5": lineage["raw_md5"],
         "dvc.processed_md5": lineage["processed_md5"],
+        "data.counts": json.dumps(lineage.get("counts"), sort_keys=True),
         "params.hash": params.hash(),
         "code.hash": model_code_hash(),
         "data.dataset": params.data.dataset,

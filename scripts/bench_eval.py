@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vae_core.evaluation.likelihood import elbo_summary, iwae_nll  # noqa: E402
 from vae_core.models.vae import VAE, VAEConfig  # noqa: E402
 from vae_core.training import TrainConfig, Trainer, load_model, pick_device  # noqa: E402
-from vae_core.training.run import test_inputs  # noqa: E402
+from vae_core.training.run import split_inputs  # noqa: E402
 
 
 def _splits(mnist_dir: Path | None):
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train_seconds {time.perf_counter() - t0:.1f}")
         print(f"weights {'trained' if args.train_epochs > 0 else 'random_init'}")
     model = model.to(device).eval()
-    x = test_inputs(splits, "binarized").to(device)
+    x = split_inputs(splits, "test", "binarized").to(device)
 
     elbo = elbo_summary(model, x, seed=args.seed)
     print(f"test_size_full {len(x)}")

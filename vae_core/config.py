@@ -183,6 +183,7 @@ class DataConfig(Section):
     dataset: str = setting("mnist", one_of(*DATASETS))
     source: str = setting("embedded", SOURCE)
     val_size: int = setting(500, integer(1))
+    holdout_size: int = setting(500, integer(1))
     split_seed: int = setting(0, integer(0))
     binarize_seed: int = setting(0, integer(0))
 

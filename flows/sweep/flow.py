@@ -20,12 +20,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import tracking, workspace
 from flows.params import Params, load_params, yaml_scalar
 from flows.pipeline import evaluate, fetch_data, prepare_data, promote, register, train_model
-from flows.sweep.spec import SELECTABLE_METRICS, SweepError, SweepSpec, load_sweep
+from flows.sweep.spec import SELECTABLE_METRICS, TEST_FIGURES, SweepError, SweepSpec, load_sweep
 from flows.sweep.trials import Trial, expand_trials, plan_trials, same_family, sweep_key, with_keys
 
 TAG_KEY, TAG_TRIAL_KEY, TAG_COMPLETE = "sweep.key", "sweep.trial_key", "sweep.complete"
 #: Summary columns: (column, metric key in every child run).
 TABLE_METRICS = {name: key for name, (key, _) in SELECTABLE_METRICS.items()} | {
+    **{name: name for name in TEST_FIGURES},  # reported beside, never chosen by
     "sq_ref_fd": "sq_ref_fd",  # the real-versus-real reference beside sq_fd
     "epochs": "train.epochs",
     "images_per_s": "train.train_samples_per_second",

@@ -22,11 +22,12 @@ DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 SPEC_KEYS = ("name", "method", "num_trials", "seed", "metric", "parameters")
 
 #: What a sweep can pick its winner by: name -> (metric key in every child run, goal).
-SELECTABLE_METRICS: dict[str, tuple[str, str]] = (
-    {"val_neg_elbo": ("train.best_val_neg_elbo", "min")}
-    | {k: (k, "min") for k in ("test_neg_elbo", "test_nll_iwae", "sq_fd", "sq_kid")}
-    | {k: (k, "max") for k in ("sq_precision", "sq_recall")}
-)
+SELECTABLE_METRICS: dict[str, tuple[str, str]] = {
+    "val_neg_elbo": ("train.best_val_neg_elbo", "min"),
+}
+#: Figures a sweep reports but must never choose by: they are measured on the test set, and
+#: choosing by them again and again would make the winner's reported figure optimistic.
+TEST_FIGURES = ("test_neg_elbo", "test_nll_iwae", "sq_fd", "sq_kid", "sq_precision", "sq_recall")
 
 
 class SweepError(VaeError, ValueError):
@@ -122,6 +123,12 @@ def parse_sweep(data: Any, *, default_name: str = "sweep", origin: str = "sweep"
     if method not in METHODS:
         raise SweepError(f"{origin}: method {method!r}: expected one of {', '.join(METHODS)}")
     metric = data.get("metric", "val_neg_elbo")
+    if metric in TEST_FIGURES:
+        raise SweepError(
+            f"{origin}: metric {metric!r} is measured on the test set, which is only reported "
+            "and never decides anything (choosing by it would make the winner's test figure "
+            f"optimistic): expected one of {', '.join(SELECTABLE_METRICS)}, a validation figure"
+        )
     if metric not in SELECTABLE_METRICS:
         raise SweepError(
             f"{origin}: metric {metric!r}: expected one of {', '.join(SELECTABLE_METRICS)}"

@@ -28,7 +28,12 @@ def set_params(project: Path, *overrides: str) -> None:
     write_params(project / "params.yaml", list(overrides))
 
 
-DEFAULTS = ("data.source=embedded", "data.split_seed=0", "data.val_size=500")
+DEFAULTS = (
+    "data.source=embedded",
+    "data.split_seed=0",
+    "data.val_size=500",
+    "data.holdout_size=500",
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def test_repro_on_embedded_data_then_up_to_date(dvc_project: Path, baseline, dvc
     manifest = json.loads((raw / "manifest.json").read_text())
     assert manifest["counts"] == {"train": 4000, "test": 1000}
     stats = json.loads((processed / "stats.json").read_text())
-    assert stats["counts"] == {"train": 3500, "val": 500, "test": 1000}
+    assert stats["counts"] == {"train": 3000, "val": 500, "holdout": 500, "test": 1000}
     assert (dvc_project / "dvc.lock").is_file()
     lineage = baseline["lineage"]
     assert lineage["raw_md5"].endswith(".dir") and lineage["processed_md5"].endswith(".dir")
@@ -83,7 +88,8 @@ def test_split_seed_reruns_prepare_only(dvc_project: Path, baseline, dvc, digest
 
 BAD_INPUTS = {
     "truncated": "train-images-idx3-ubyte.gz: truncated or corrupt gzip",
-    "val_size": "data.val_size = 4000 does not fit the training set of 4000 images",
+    "val_size": "data.val_size = 4000 and data.holdout_size = 500 do not fit the training set "
+    "of 4000 images",
     "dataset": "data.dataset = 'cifar' is not allowed: expected one of mnist",
 }
 
@@ -106,7 +112,7 @@ def test_bad_inputs_fail_clearly_and_checkout_restores(
     for bad, message in BAD_INPUTS.items():
         (dvc_project / "params.yaml").write_text(params_text)
         if bad == "truncated":
-            set_params(dvc_project, f"data.source={tmp_path / 'idx'}")
+            set_params(dvc_project, f"data.source={tmp_path / 'idx'}", "data.holdout_size=100")
         elif bad == "val_size":
             set_params(dvc_project, "data.val_size=4000")
         else:  # write_params refuses bad values, so edit the file as a user would
@@ -145,12 +151,12 @@ def test_folder_source_reruns_both(
     dvc_project: Path, baseline, dvc, write_raw, tmp_path: Path
 ) -> None:
     write_raw(tmp_path / "idx", 1000, 200)
-    set_params(dvc_project, f"data.source={tmp_path / 'idx'}")
+    set_params(dvc_project, f"data.source={tmp_path / 'idx'}", "data.holdout_size=100")
     result = dvc(dvc_project, "repro", "prepare")
     assert result.returncode == 0, result.stderr
     assert ran(result, "fetch") and ran(result, "prepare")
     stats = json.loads((dvc_project / "data/processed/mnist/stats.json").read_text())
-    assert stats["counts"] == {"train": 500, "val": 500, "test": 200}
+    assert stats["counts"] == {"train": 400, "val": 500, "holdout": 100, "test": 200}
     assert data_lineage(dvc_project)["raw_md5"] != baseline["lineage"]["raw_md5"]
     # (last of the real-DVC tests: it leaves the scratch project on the folder source)
 
@@ -161,7 +167,7 @@ def test_new_bytes_behind_the_same_folder_are_fetched(
     """The source path stays the same; the files behind it change (a new release lands)."""
     folder = tmp_path / "incoming"
     write_raw(folder, 1000, 200)
-    set_params(dvc_project, f"data.source={folder}", "data.val_size=500", "data.split_seed=0")
+    set_params(dvc_project, f"data.source={folder}", "data.holdout_size=100", "data.split_seed=0")
     try:
         first = dvc(dvc_project, "repro", "prepare")
         assert first.returncode == 0, first.stderr
@@ -177,7 +183,7 @@ def test_new_bytes_behind_the_same_folder_are_fetched(
         assert after["raw_md5"] != before["raw_md5"]
         assert after["processed_md5"] != before["processed_md5"]
         stats = json.loads((dvc_project / "data/processed/mnist/stats.json").read_text())
-        assert stats["counts"] == {"train": 1300, "val": 500, "test": 300}
+        assert stats["counts"] == {"train": 1200, "val": 500, "holdout": 100, "test": 300}
     finally:
         set_params(dvc_project, *DEFAULTS)
         assert dvc(dvc_project, "repro", "prepare").returncode == 0
@@ -190,6 +196,7 @@ def test_new_bytes_behind_the_same_folder_are_fetched(
 def stage_dir(tmp_path: Path, repo_root: Path, write_raw) -> Path:
     """A params.yaml, a good source folder and previous good raw + processed outputs."""
     (tmp_path / "params.yaml").write_text((repo_root / "params.yaml").read_text())
+    set_params(tmp_path, "data.holdout_size=100")  # 1,000 images: 500 val + 100 holdout
     write_raw(tmp_path / "good", 1000, 200)
     source = f"data.source={tmp_path / 'good'}"
     assert main(tmp_path, "fetch", source) == 0
@@ -234,7 +241,11 @@ def break_folder(folder: Path, how: str) -> None:
         ("fetch", "empty", "bad is empty: expected a folder holding"),
         ("fetch", "missing", "missing does not exist: expected a folder holding"),
         ("fetch", "dataset", "data.dataset = 'svhn' is not allowed"),
-        ("prepare", "val_size", "data.val_size = 1000 does not fit the training set of 1000"),
+        (
+            "prepare",
+            "val_size",
+            "data.val_size = 1000 and data.holdout_size = 100 do not fit the training set of 1000",
+        ),
     ],
 )
 def test_each_bad_input_is_a_clear_error_and_keeps_outputs(

@@ -25,6 +25,7 @@ EXPECTED = {
         "dataset": "mnist",
         "source": "embedded",
         "val_size": 500,
+        "holdout_size": 500,
         "split_seed": 0,
         "binarize_seed": 0,
     },

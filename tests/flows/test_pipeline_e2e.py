@@ -135,12 +135,14 @@ def test_worse_second_run_is_registered_but_not_promoted(scenario) -> None:
     figures = gate["figures"]
     assert figures["challenger_mean_nll"] > figures["champion_mean_nll"] + 100  # untrained
     assert figures["mean_improvement"] < 0 and figures["ci_high"] < 0
-    # The gate reused each run's own evaluation: the same examples, the same figures, no
-    # second IWAE pass. The champion's side is run 1's per-example NLL, recomputed on load.
-    run1_nll = scenario.run1.result["metrics"]["test_nll_iwae"]
-    assert figures["challenger_mean_nll"] == pytest.approx(result["metrics"]["test_nll_iwae"])
-    assert figures["champion_mean_nll"] == pytest.approx(run1_nll, rel=1e-5)
-    assert figures["n"] == result["metrics"]["iwae_num_examples"]
+    # The gate decided on the holdout, not the test set, and reused each run's own
+    # evaluation: the same examples, the same figures, no second IWAE pass for the challenger.
+    # The champion's side is run 1's holdout NLL, computed again from the registered model.
+    metrics, run1_metrics = result["metrics"], scenario.run1.result["metrics"]
+    assert figures["n"] == metrics["holdout_num_examples"] == 500
+    assert figures["challenger_mean_nll"] == pytest.approx(metrics["holdout_nll_iwae"])
+    assert figures["champion_mean_nll"] == pytest.approx(run1_metrics["holdout_nll_iwae"], rel=1e-5)
+    assert figures["challenger_mean_nll"] != pytest.approx(metrics["test_nll_iwae"])
 
     # Registered, challenger, and champion did not move.
     assert scenario.aliases_after_runs == {"champion": 1, "challenger": 2}

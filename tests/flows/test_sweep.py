@@ -129,6 +129,11 @@ def test_random_search_is_seeded_and_draws_distinct_trials(base) -> None:
         ({"method": "random", "parameters": {"train.lr": [0.001]}}, "needs num_trials"),
         ({"metric": "val_elbo", "parameters": {"train.lr": [0.001]}}, "did you mean"),
         (
+            {"metric": "test_nll_iwae", "parameters": {"train.lr": [0.001]}},
+            "measured on the test set, which is only reported and never decides anything",
+        ),
+        ({"metric": "sq_fd", "parameters": {"train.lr": [0.001]}}, "expected one of val_neg_elbo"),
+        (
             {"parameters": {"train.beta": [1.0], "g": [{"train.beta": 2.0}]}},
             "set by both",
         ),

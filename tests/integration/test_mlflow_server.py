@@ -19,32 +19,6 @@ MODEL = "mnist-vae"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory, start_process, proc_tools) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = proc_tools.free_port()
-    cmd = [
-        proc_tools.bin_path("mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{root / 'm.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--workers",
-        "1",
-    ]
-    # No job runner: the pipeline needs none, and it would start 7 extra worker processes.
-    env = proc_tools.env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = start_process("mlflow-server", cmd, env=env, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    proc_tools.wait_for_http(f"{url}/health", proc, timeout_s=180)
-    return SimpleNamespace(url=url, root=root, proc=proc)
-
-
 def rest(server: SimpleNamespace, endpoint: str, **query: str) -> dict:
     """GET an MLflow REST endpoint and decode its JSON."""
     url = f"{server.url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"

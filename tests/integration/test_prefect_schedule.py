@@ -6,75 +6,15 @@ run carries the deployment. prefect.yaml's `nightly` deployment is registered wi
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
+from integration_servers import FLOW, RUN_TIMEOUT_S, api, client_env, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-FLOW = "training-pipeline"
-RUN_TIMEOUT_S = 360  # server start + one tiny run on a busy two-core machine takes ~2-3 min
-
-
-def api(server: SimpleNamespace, method: str, path: str, body: dict | None = None):
-    """One call to the Prefect REST API; None on 404."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        f"{server.api}{path}",
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return None
-        raise
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory, start_process, proc_tools) -> SimpleNamespace:
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = proc_tools.free_port()
-    env = proc_tools.env(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        PREFECT_SERVER_LOGGING_LEVEL="WARNING",
-    )
-    cmd = [proc_tools.bin_path("prefect"), "server", "start", "--host", "127.0.0.1"]
-    proc = start_process("prefect-server", [*cmd, "--port", str(port)], env=env, cwd=home)
-    server = SimpleNamespace(api=f"http://127.0.0.1:{port}/api", home=home, proc=proc)
-    proc_tools.wait_for_http(f"{server.api}/health", proc, timeout_s=180, expect="true")
-    return server
-
-
-def client_env(server: SimpleNamespace, proc_tools, tmp: Path, **extra: str) -> dict[str, str]:
-    """A Prefect client of this server with its own PREFECT_HOME (no user profile)."""
-    home = tmp / "prefect-client-home"
-    home.mkdir(exist_ok=True)
-    return proc_tools.env(PREFECT_API_URL=server.api, PREFECT_HOME=str(home), **extra)
-
-
-def wait_for(what: str, check, timeout_s: float, proc=None, every_s: float = 2.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if proc is not None and not proc.alive():
-            pytest.fail(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
-        time.sleep(every_s)
-    tail = f"\n{proc.name} log:\n{proc.tail()}" if proc is not None else ""
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}{tail}")
 
 
 def test_prefect_yaml_declares_the_nightly_deployment() -> None:

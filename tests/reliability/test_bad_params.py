@@ -67,7 +67,7 @@ CASES = [
     (
         "val size too large",
         "data.val_size=4000",
-        ["data.val_size", "4000", "training set of 4000 images", "from 1 to 3999"],
+        ["data.val_size", "4000", "data.holdout_size", "training set of 4000 images", "to 3999"],
     ),
     (
         "misspelled key",

@@ -186,7 +186,8 @@ FOLDER_CASES: dict[str, tuple[Callable[[Path, Path], str], list[str]]] = {
 def stage_root(tmp_path: Path) -> Path:
     """params.yaml, a good source folder, and good raw + processed outputs made from it."""
     shutil.copy2(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
-    write_params(tmp_path / "params.yaml", ["data.val_size=50"])  # the sources hold 300 images
+    # the sources hold 300 images
+    write_params(tmp_path / "params.yaml", ["data.val_size=50", "data.holdout_size=50"])
     write_good(tmp_path / "good")
     rc, err = run_stage(
         tmp_path, "fetch", tmp_path / "out" / "raw", f"data.source={tmp_path / 'good'}"

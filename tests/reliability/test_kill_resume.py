@@ -2,23 +2,20 @@
 started again each time resumes from DIR/checkpoints/last.pt and ends with weights identical,
 tensor for tensor, to those of an uninterrupted run with the same seed (CPU).
 
-One output folder goes through the whole chain: killed after a random epoch, resumed and
-killed after a later random epoch, then resumed to the end (the epochs and the moment of each
-kill are drawn from a seeded generator: RELIABILITY_KILL_SEED). Each kill lands a random
-fraction of an epoch's duration (as the checkpoint reports it) after the checkpoint appears, so
-it hits the middle of the next epoch, or the checkpoint write itself, on a fast machine or a
-slow one alike. Two uninterrupted runs go alongside: the reference, and a second one
-that tells a resume problem apart from a run that is not reproducible in the first place.
+One output folder goes through the whole chain: killed after epoch 2, resumed and killed after
+epoch 4, then resumed to the end. Each kill lands at a point the process itself reports: the
+moment it writes "epoch k/6 ..." (training of epoch k done), so it hits the validation or the
+checkpoint write of that epoch, on a fast machine or a slow one alike; nothing races a clock.
+Two uninterrupted runs go alongside: the reference, and a second one that tells a resume
+problem apart from a run that is not reproducible in the first place.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +25,10 @@ from vae_core.data.idx import write_idx
 from vae_core.data.sources import RAW_FILES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-EPOCHS = 4
-KILLS = 2
-SEED = int(os.environ.get("RELIABILITY_KILL_SEED", "20261127"))
+EPOCHS = 6
+#: Kill after these epochs: two apart, so the checkpoints at death (that epoch's, or the one
+#: before if its write had not finished) are different epochs, all before the last.
+KILL_AFTER = (2, 4)
 
 
 def write_source(folder: Path) -> None:
@@ -94,39 +92,27 @@ def start(source: Path, out: Path, log: Path) -> subprocess.Popen:
     )
 
 
-def checkpoint_progress(out: Path) -> tuple[int, float] | None:
-    """(epochs done, seconds the last one took) from last.pt, or None before the first."""
-    try:
-        state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-        return int(state["epoch"]), float(state["history"][-1]["epoch_seconds"])
-    except (FileNotFoundError, EOFError, RuntimeError, KeyError, IndexError, OSError):
-        return None
-
-
-def run_and_kill(
-    source: Path, out: Path, log: Path, after_epoch: int, fraction: float
-) -> tuple[int | None, int | None]:
-    """Start training; SIGKILL it ``fraction`` of an epoch's duration after last.pt reaches
-    ``after_epoch`` (the duration is the last epoch's, read from the checkpoint).
-
-    Returns (return code, checkpoint epoch at death); the return code is None when the process
-    finished before it could be killed.
-    """
-    proc = start(source, out, log)
-    deadline = time.monotonic() + 300
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            progress = checkpoint_progress(out)
-            if progress is not None and progress[0] >= after_epoch:
-                time.sleep(fraction * progress[1])
+def run_and_kill(source: Path, out: Path, log: Path, after_epoch: int) -> tuple[int, int | None]:
+    """Start training and SIGKILL it the moment it reports that it finished training epoch
+    ``after_epoch`` (the per-epoch line it writes to stderr), while it validates and writes
+    that epoch's checkpoint. Returns (return code, checkpoint epoch at death)."""
+    proc = subprocess.Popen(
+        command(source, out),
+        cwd=REPO_ROOT,
+        env=env(),
+        stdout=log.with_suffix(".out").open("ab"),
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    with log.open("a") as record:
+        for line in proc.stderr:
+            record.write(line)
+            if line.startswith(f"epoch {after_epoch}/{EPOCHS} "):
                 os.kill(proc.pid, signal.SIGKILL)
                 break
-            time.sleep(0.01)
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        record.write(proc.stderr.read())
+    proc.wait(60)
     return proc.returncode, checkpoint_epoch(out)
 
 
@@ -141,28 +127,20 @@ def test_sigkill_at_several_epochs_then_resume_gives_identical_weights(tmp_path,
     write_source(source)
     logs = tmp_path / "logs"
     logs.mkdir()
-    rng = random.Random(SEED)
 
     # The uninterrupted runs go alongside the chain (each has its own folder).
     reference = start(source, tmp_path / "reference", logs / "reference.log")
     twin = start(source, tmp_path / "twin", logs / "twin.log")
 
     out = tmp_path / "killed"
-    targets = sorted(rng.sample(range(1, EPOCHS), KILLS))
-    kills: list[tuple[int, int | None, float]] = []  # (target, epoch at death, fraction)
-    last = 0
-    for target in targets:
-        target = max(target, last + 1)
-        if target >= EPOCHS:
-            break
-        fraction = round(rng.uniform(0.0, 0.5), 3)
-        rc, died_at = run_and_kill(source, out, logs / f"kill-{target}.log", target, fraction)
+    kills: list[tuple[int, int | None]] = []  # (target, epoch at death)
+    for target in KILL_AFTER:
+        rc, died_at = run_and_kill(source, out, logs / f"kill-{target}.log", target)
         assert rc == -signal.SIGKILL, (
             f"the run meant to be killed after epoch {target} ended with {rc} "
             f"(finished before the kill?):\n{(logs / f'kill-{target}.log').read_text()[-2000:]}"
         )
-        kills.append((target, died_at, fraction))
-        last = died_at or 0
+        kills.append((target, died_at))
 
     final = start(source, out, logs / "final.log")
     assert final.wait(300) == 0, (logs / "final.log").read_text()[-3000:]
@@ -174,13 +152,13 @@ def test_sigkill_at_several_epochs_then_resume_gives_identical_weights(tmp_path,
     repeatable = all(torch.equal(ref[k], ref2[k]) for k in ref)
     metrics = json.loads((out / "metrics.json").read_text())
     ref_metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())
-    died = [d for _, d, _ in kills]
+    died = [d for _, d in kills]
     litter = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("."))
     record(
         "fault: SIGKILL during training",
         f"`vae-pipeline train -S train.epochs={EPOCHS} --out DIR` (CPU, seed 0) SIGKILLed "
-        f"{len(kills)} times, {[d for _, _, d in kills]} of an epoch after last.pt reached epochs "
-        f"{[t for t, _, _ in kills]}; restarted after each; compared with an uninterrupted run",
+        f"{len(kills)} times, each the moment it reported the end of training epochs "
+        f"{[t for t, _ in kills]}; restarted after each; compared with an uninterrupted run",
         f"checkpoints at death: epochs {died}; final run resumed from epoch "
         f"{metrics['resumed_from_epoch']}; {len(ref)} weight tensors "
         f"{'identical (torch.equal)' if same else 'DIFFERENT'}; test -ELBO "
@@ -189,7 +167,7 @@ def test_sigkill_at_several_epochs_then_resume_gives_identical_weights(tmp_path,
         f"{'identical' if repeatable else 'DIFFER (model init not seeded)'}",
     )
     assert len(set(died)) >= 2, f"kills landed at {died}: not several different epochs"
-    assert all(d is not None and 1 <= d < EPOCHS for d in died), died
+    assert all(d in (t - 1, t) for t, d in kills), kills  # died at the point it reported
     assert died == sorted(died) and metrics["resumed_from_epoch"] == died[-1]
     assert metrics["epochs"] == EPOCHS and ref_metrics["resumed_from_epoch"] == 0
     assert repeatable, (

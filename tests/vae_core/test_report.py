@@ -27,7 +27,9 @@ from vae_core.training.checkpoint import save_model
 TIMING_KEYS = {"eval_seconds", "iwae_seconds"}
 
 
-def _splits(n_train: int = 120, n_val: int = 20, n_test: int = 40) -> DatasetSplits:
+def _splits(
+    n_train: int = 120, n_val: int = 20, n_test: int = 40, n_holdout: int = 16
+) -> DatasetSplits:
     """Blobs of random grey levels with balanced labels: only shapes and dtypes matter here."""
     gen = torch.Generator().manual_seed(0)
 
@@ -37,14 +39,17 @@ def _splits(n_train: int = 120, n_val: int = 20, n_test: int = 40) -> DatasetSpl
     def labels(n: int) -> torch.Tensor:
         return torch.arange(n, dtype=torch.int64) % 10
 
-    test = images(n_test)
+    test, holdout = images(n_test), images(n_holdout)
     return DatasetSplits(
         train_images=images(n_train),
         train_labels=labels(n_train),
         val_images=images(n_val),
         val_labels=labels(n_val),
+        holdout_images=holdout,
+        holdout_labels=labels(n_holdout),
         test_images=test,
         test_labels=labels(n_test),
+        holdout_binarized=torch.bernoulli(holdout.float() / 255, generator=gen).to(torch.uint8),
         test_binarized=torch.bernoulli(test.float() / 255, generator=gen).to(torch.uint8),
     )
 
@@ -99,6 +104,12 @@ def test_evaluate_model_writes_labelled_metrics_nll_and_pngs(tmp_path):
     assert "15 of 40" in metrics["test_nll_iwae_estimator"]
     assert "ELBO" in metrics["test_neg_elbo_estimator"]
     assert all(isinstance(v, float | int | str) for v in metrics.values())
+    # The holdout (the gate's data) is scored whole, with the same estimator, apart from test.
+    holdout_nll, holdout_index, _ = load_per_example(tmp_path, "holdout")
+    np.testing.assert_array_equal(holdout_index, np.arange(16))
+    assert metrics["holdout_num_examples"] == 16
+    assert holdout_nll.mean() == pytest.approx(metrics["holdout_nll_iwae"])
+    assert "not a test figure" in metrics["holdout_estimator"]
 
     nll = np.load(tmp_path / "per_example_nll.npy")
     index = np.load(tmp_path / "per_example_index.npy")
@@ -164,7 +175,8 @@ def test_bad_settings_are_refused_where_they_are_made():
 def test_classifier_and_report_command_lines(tmp_path, capsys):
     splits = _splits()
     processed = tmp_path / "processed"
-    save_processed(splits, {"train": np.arange(120), "val": np.arange(120, 140)}, processed)
+    rows = {"train": np.arange(120), "val": np.arange(120, 140), "holdout": np.arange(140, 156)}
+    save_processed(splits, rows, processed)
     assert (
         classifier_module.main(
             [

@@ -21,6 +21,7 @@ from vae_core.data import (
     load_splits,
     make_splits,
     save_processed,
+    split_arrays,
 )
 from vae_core.data import splits as splits_mod
 
@@ -40,7 +41,7 @@ def split(arrays, val_size: int = 30, split_seed: int = 0, binarize_seed: int = 
 def test_make_splits_shapes_and_types(arrays) -> None:
     s, idx = split(arrays)
     assert isinstance(s, DatasetSplits)
-    assert s.counts() == {"train": 170, "val": 30, "test": 50}
+    assert s.counts() == {"train": 170, "val": 30, "holdout": 0, "test": 50}
     assert s.train_images.dtype == torch.uint8 and s.train_images.shape == (170, 28, 28)
     assert s.train_labels.dtype == torch.int64 and s.val_labels.dtype == torch.int64
     assert s.test_binarized.dtype == torch.uint8
@@ -92,7 +93,7 @@ def test_save_and_load_round_trip(arrays, tmp_path: Path) -> None:
         np.load(f, allow_pickle=False)  # no pickle anywhere
     on_disk = json.loads((tmp_path / "proc" / "stats.json").read_text())
     assert on_disk == stats
-    assert stats["counts"] == {"train": 170, "val": 30, "test": 50}
+    assert stats["counts"] == {"train": 170, "val": 30, "holdout": 0, "test": 50}
     assert sum(stats["class_counts"]["val"]) == 30
     assert stats["class_counts"]["test"] == [5] * 10
     assert stats["shapes"]["train"] == [170, 28, 28]
@@ -160,7 +161,7 @@ def test_load_raw_checks_the_manifest(tmp_path: Path, write_raw) -> None:
 
 def test_load_splits_embedded(tmp_path: Path) -> None:
     s = load_splits("embedded", val_size=500, cache_dir=tmp_path / "cache")
-    assert s.counts() == {"train": 3500, "val": 500, "test": 1000}
+    assert s.counts() == {"train": 3500, "val": 500, "holdout": 0, "test": 1000}
     assert torch.bincount(s.test_labels).tolist() == [100] * 10
     manifest = tmp_path / "cache" / "mnist" / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
@@ -172,7 +173,7 @@ def test_load_splits_embedded(tmp_path: Path) -> None:
 def test_load_splits_folder_without_cache(tmp_path: Path, write_raw) -> None:
     write_raw(tmp_path / "src", 100, 20)
     s = load_splits(str(tmp_path / "src"), val_size=10, split_seed=3)
-    assert s.counts() == {"train": 90, "val": 10, "test": 20}
+    assert s.counts() == {"train": 90, "val": 10, "holdout": 0, "test": 20}
 
 
 def test_trainer_float_view_and_dynamic_binarization() -> None:
@@ -220,6 +221,33 @@ def test_dataset_splits_checks_its_fields() -> None:
     img = torch.zeros(3, 28, 28, dtype=torch.uint8)
     lab = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(ProcessedDataError, match="val_labels: expected an int64"):
-        DatasetSplits(img, lab, img, lab.to(torch.uint8), img, lab, img)
+        DatasetSplits(img, lab, img, lab.to(torch.uint8), img, lab, img, lab, img, img)
     with pytest.raises(ProcessedDataError, match="test_binarized"):
-        DatasetSplits(img, lab, img, lab, img, lab, img[:2])
+        DatasetSplits(img, lab, img, lab, img, lab, img, lab, img, img[:2])
+    with pytest.raises(ProcessedDataError, match="holdout_binarized"):
+        DatasetSplits(img, lab, img, lab, img, lab, img, lab, img[:1], img)
+
+
+def test_the_holdout_is_carved_from_training_data_and_leaves_test_and_val_alone() -> None:
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (300, 28, 28), dtype=np.uint8)
+    test = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    labels, test_labels = (
+        (np.arange(300) % 10).astype(np.uint8),
+        (np.arange(40) % 10).astype(np.uint8),
+    )
+    common = dict(val_size=30, split_seed=3, binarize_seed=4)
+    without, rows0 = split_arrays(train, labels, test, test_labels, **common)
+    arrays, rows = split_arrays(train, labels, test, test_labels, holdout_size=50, **common)
+    # Three disjoint sets of training rows that cover it all; val and test do not move.
+    assert sorted(np.concatenate([rows["train"], rows["val"], rows["holdout"]])) == list(range(300))
+    assert len(rows["holdout"]) == 50 and len(rows["train"]) == 220
+    np.testing.assert_array_equal(rows["val"], rows0["val"])
+    np.testing.assert_array_equal(arrays["test_binarized"], without["test_binarized"])
+    np.testing.assert_array_equal(arrays["holdout_images"], train[rows["holdout"]])
+    # The holdout has its own fixed binarized copy, drawn from the binarize seed.
+    again, _ = split_arrays(train, labels, test, test_labels, holdout_size=50, **common)
+    np.testing.assert_array_equal(arrays["holdout_binarized"], again["holdout_binarized"])
+    assert set(np.unique(arrays["holdout_binarized"])) <= {0, 1}
+    with pytest.raises(SplitError, match="data.val_size = 30 and data.holdout_size = 270"):
+        split_arrays(train, labels, test, test_labels, holdout_size=270, **common)

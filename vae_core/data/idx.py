@@ -230,11 +230,13 @@ def validate_pair(
     labels: np.ndarray,
     images_path: str | os.PathLike[str],
     labels_path: str | os.PathLike[str],
+    allow_empty: bool = False,
 ) -> None:
     """Check that an image file and its label file form an MNIST-style split.
 
-    Images must be ``N x 28 x 28`` uint8, labels ``N`` uint8 in 0..9, with the same ``N``;
-    anything else raises ``DatasetMismatchError`` naming the file and both values.
+    Images must be ``N x 28 x 28`` uint8, labels ``N`` uint8 in 0..9, with the same ``N``
+    (at least one, unless ``allow_empty``: a split that may be switched off); anything else
+    raises ``DatasetMismatchError`` naming the file and both values.
     """
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
         raise DatasetMismatchError(
@@ -246,7 +248,7 @@ def validate_pair(
             f"{labels_path}: expected a 1-D uint8 label vector, found shape "
             f"{tuple(labels.shape)} and dtype {labels.dtype}"
         )
-    if images.shape[0] == 0:
+    if images.shape[0] == 0 and not allow_empty:
         raise DatasetMismatchError(f"{images_path}: expected at least one image, found 0")
     if images.shape[0] != labels.shape[0]:
         raise DatasetMismatchError(

@@ -38,15 +38,13 @@ from vae_core.data.sources import (
     verify_manifest,
 )
 
-PROCESSED_FORMAT_VERSION = 1
+PROCESSED_FORMAT_VERSION = 2  # 2: a holdout split for the promotion gate
+SPLITS = ("train", "val", "holdout", "test")
+#: Splits with a fixed binarized copy: every model is scored on the same bits.
+BINARIZED = ("holdout", "test")
 ARRAY_FILES: tuple[str, ...] = (
-    "train_images",
-    "train_labels",
-    "val_images",
-    "val_labels",
-    "test_images",
-    "test_labels",
-    "test_binarized",
+    *(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")),
+    *(f"{split}_binarized" for split in BINARIZED),
 )
 INDICES_FILE = "split_indices.npz"
 STATS_FILE = "stats.json"
@@ -61,21 +59,29 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DatasetSplits:
-    """The three splits as CPU tensors: images uint8 ``N x 28 x 28``, labels int64 ``N``,
-    and ``test_binarized`` uint8 0/1 (a fixed draw so every model is scored on the same bits)."""
+    """The splits as CPU tensors: images uint8 ``N x 28 x 28``, labels int64 ``N``, and for
+    holdout and test a fixed binarized copy, uint8 0/1 (every model is scored on the same bits).
+
+    Each split has one job: train fits the weights, val drives early stopping and the sweep's
+    choice, holdout (carved from the training data too) is what the promotion gate decides on,
+    and test is only ever reported.
+    """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
     val_images: torch.Tensor
     val_labels: torch.Tensor
+    holdout_images: torch.Tensor
+    holdout_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    holdout_binarized: torch.Tensor
     test_binarized: torch.Tensor
 
     def __post_init__(self) -> None:
         import torch
 
-        for split in ("train", "val", "test"):
+        for split in SPLITS:
             images = getattr(self, f"{split}_images")
             labels = getattr(self, f"{split}_labels")
             if (
@@ -97,13 +103,16 @@ class DatasetSplits:
                     f"{split}: expected as many labels as images, found {labels.shape[0]} "
                     f"labels and {images.shape[0]} images"
                 )
-        if self.test_binarized.shape != self.test_images.shape or (
-            self.test_binarized.dtype != torch.uint8
-        ):
-            raise ProcessedDataError(
-                f"test_binarized: expected uint8 of shape {tuple(self.test_images.shape)}, "
-                f"found {self.test_binarized.dtype} {tuple(self.test_binarized.shape)}"
+        for split in BINARIZED:
+            images, binarized = (
+                getattr(self, f"{split}_images"),
+                getattr(self, f"{split}_binarized"),
             )
+            if binarized.shape != images.shape or binarized.dtype != torch.uint8:
+                raise ProcessedDataError(
+                    f"{split}_binarized: expected uint8 of shape {tuple(images.shape)}, "
+                    f"found {binarized.dtype} {tuple(binarized.shape)}"
+                )
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The splits as numpy arrays in the on-disk layout (labels as uint8)."""
@@ -115,11 +124,7 @@ class DatasetSplits:
 
     def counts(self) -> dict[str, int]:
         """Number of images per split."""
-        return {
-            "train": int(self.train_images.shape[0]),
-            "val": int(self.val_images.shape[0]),
-            "test": int(self.test_images.shape[0]),
-        }
+        return {split: int(getattr(self, f"{split}_images").shape[0]) for split in SPLITS}
 
 
 # --------------------------------------------------------------------------- raw -> arrays
@@ -153,13 +158,16 @@ def split_arrays(
     val_size: int,
     split_seed: int,
     binarize_seed: int,
+    holdout_size: int = 0,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The numpy core of ``make_splits``: arrays keyed like the processed files, and indices.
 
-    The validation rows are a seeded permutation's first ``val_size``; the binarized test set
-    is one Bernoulli draw per pixel from its own seed, fixed so every model sees the same bits.
-    The seeds are validated once, where the params are read; ``val_size`` is checked here
-    because whether it fits depends on the data.
+    A seeded permutation of the training rows gives the validation set (its first
+    ``val_size``), then the holdout (the next ``holdout_size``), then the training set. The
+    binarized test and holdout sets are Bernoulli draws from their own seed, fixed so every
+    model sees the same bits (the test draw comes first, so it does not depend on the holdout).
+    The seeds are validated once, where the params are read; the sizes are checked here
+    because whether they fit depends on the data.
     """
     validate_pair(train_images, train_labels, "train images", "train labels")
     validate_pair(test_images, test_labels, "test images", "test labels")
@@ -167,28 +175,33 @@ def split_arrays(
     if (
         isinstance(val_size, bool)
         or not isinstance(val_size, int | np.integer)
-        or not (1 <= val_size <= n - 1)
+        or not (1 <= val_size <= n - 1 - holdout_size)
     ):
         raise SplitError(
-            f"data.val_size = {val_size!r} does not fit the training set of {n} images: expected "
-            f"an integer from 1 to {n - 1} (at least one image must remain for training)"
+            f"data.val_size = {val_size!r} and data.holdout_size = {holdout_size!r} do not fit "
+            f"the training set of {n} images: expected val_size + holdout_size from 1 to "
+            f"{n - 1} (at least one image must remain for training)"
         )
     perm = np.random.default_rng(split_seed).permutation(n)
-    val_idx = np.sort(perm[: int(val_size)]).astype(np.int64)
-    train_idx = np.sort(perm[int(val_size) :]).astype(np.int64)
-    rng = np.random.default_rng(binarize_seed)
-    probs = test_images.astype(np.float32) / np.float32(255.0)
-    test_bin = (rng.random(test_images.shape, dtype=np.float32) < probs).astype(np.uint8)
-    arrays = {
-        "train_images": train_images[train_idx],
-        "train_labels": train_labels[train_idx],
-        "val_images": train_images[val_idx],
-        "val_labels": train_labels[val_idx],
-        "test_images": np.ascontiguousarray(test_images),
-        "test_labels": np.ascontiguousarray(test_labels),
-        "test_binarized": test_bin,
+    cut = int(val_size) + int(holdout_size)
+    rows = {
+        "val": np.sort(perm[: int(val_size)]).astype(np.int64),
+        "holdout": np.sort(perm[int(val_size) : cut]).astype(np.int64),
+        "train": np.sort(perm[cut:]).astype(np.int64),
     }
-    return arrays, {"train": train_idx, "val": val_idx}
+    arrays = {}
+    for split, idx in rows.items():
+        arrays[f"{split}_images"] = train_images[idx]
+        arrays[f"{split}_labels"] = train_labels[idx]
+    arrays["test_images"] = np.ascontiguousarray(test_images)
+    arrays["test_labels"] = np.ascontiguousarray(test_labels)
+    rng = np.random.default_rng(binarize_seed)
+    for split in ("test", "holdout"):  # this order: the test draw is as it always was
+        images = arrays[f"{split}_images"]
+        probs = images.astype(np.float32) / np.float32(255.0)
+        draw = rng.random(images.shape, dtype=np.float32) < probs
+        arrays[f"{split}_binarized"] = draw.astype(np.uint8)
+    return {name: arrays[name] for name in ARRAY_FILES}, rows
 
 
 def _to_splits(arrays: dict[str, np.ndarray]) -> DatasetSplits:
@@ -213,6 +226,7 @@ def make_splits(
     val_size: int,
     split_seed: int,
     binarize_seed: int,
+    holdout_size: int = 0,
 ) -> tuple[DatasetSplits, dict[str, np.ndarray]]:
     """Carve a seeded validation set out of the training data and draw the fixed binarized test.
 
@@ -227,6 +241,7 @@ def make_splits(
         val_size=val_size,
         split_seed=split_seed,
         binarize_seed=binarize_seed,
+        holdout_size=holdout_size,
     )
     return _to_splits(arrays), indices
 
@@ -261,16 +276,17 @@ def array_stats(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         "pixel_mean": {},
         "shapes": {},
     }
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         stats["counts"][split] = int(images.shape[0])
         stats["class_counts"][split] = np.bincount(labels, minlength=NUM_CLASSES).tolist()
         mean = float(images.mean(dtype=np.float64)) / 255.0 if images.size else 0.0
         stats["pixel_mean"][split] = round(mean, 6)
         stats["shapes"][split] = list(images.shape)
-    binarized = arrays["test_binarized"]
-    mean = float(binarized.mean(dtype=np.float64)) if binarized.size else 0.0
-    stats["pixel_mean"]["test_binarized"] = round(mean, 6)
+    for split in BINARIZED:
+        binarized = arrays[f"{split}_binarized"]
+        mean = float(binarized.mean(dtype=np.float64)) if binarized.size else 0.0
+        stats["pixel_mean"][f"{split}_binarized"] = round(mean, 6)
     return stats
 
 
@@ -291,10 +307,11 @@ def save_arrays(
     missing = [name for name in ARRAY_FILES if name not in arrays]
     if missing:
         raise ProcessedDataError(f"arrays to save: expected {list(ARRAY_FILES)}, missing {missing}")
-    for key in ("train", "val"):
+    for key in ("train", "val", "holdout"):
         if key not in indices:
             raise ProcessedDataError(
-                f"split indices: expected keys 'train' and 'val', found {sorted(indices)}"
+                f"split indices: expected keys 'train', 'val' and 'holdout', found "
+                f"{sorted(indices)}"
             )
     stats = array_stats(arrays)
     if extra_stats:
@@ -351,23 +368,25 @@ def load_processed(processed_dir: str | os.PathLike[str]) -> DatasetSplits:
             f"{folder}: expected a processed-data folder, found nothing (run the prepare stage)"
         )
     arrays = {name: _load_npy(folder / f"{name}.npy") for name in ARRAY_FILES}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         validate_pair(
             arrays[f"{split}_images"],
             arrays[f"{split}_labels"],
             folder / f"{split}_images.npy",
             folder / f"{split}_labels.npy",
+            allow_empty=split == "holdout",
         )
-    binarized = arrays["test_binarized"]
-    if (
-        binarized.dtype != np.uint8
-        or binarized.shape != arrays["test_images"].shape
-        or (binarized.size and binarized.max() > 1)
-    ):
-        raise ProcessedDataError(
-            f"{folder / 'test_binarized.npy'}: expected uint8 0/1 of shape "
-            f"{arrays['test_images'].shape}, found {binarized.dtype} {binarized.shape}"
-        )
+    for split in BINARIZED:
+        binarized, images = arrays[f"{split}_binarized"], arrays[f"{split}_images"]
+        if (
+            binarized.dtype != np.uint8
+            or binarized.shape != images.shape
+            or (binarized.size and binarized.max() > 1)
+        ):
+            raise ProcessedDataError(
+                f"{folder / f'{split}_binarized.npy'}: expected uint8 0/1 of shape "
+                f"{images.shape}, found {binarized.dtype} {binarized.shape}"
+            )
     return _to_splits(arrays)
 
 
@@ -385,6 +404,7 @@ def load_splits(
     dataset: str = "mnist",
     *,
     val_size: int = 500,
+    holdout_size: int = 0,
     split_seed: int = 0,
     binarize_seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -412,6 +432,10 @@ def load_splits(
             fetch_raw(source, dataset, raw, retries=retries, backoff_s=backoff_s)
             arrays = load_raw(raw)
     splits, _ = make_splits(
-        *arrays, val_size=val_size, split_seed=split_seed, binarize_seed=binarize_seed
+        *arrays,
+        val_size=val_size,
+        holdout_size=holdout_size,
+        split_seed=split_seed,
+        binarize_seed=binarize_seed,
     )
     return splits

@@ -26,6 +26,7 @@ from torch import nn
 
 from vae_core.atomic import atomic_write_text
 from vae_core.config import DATA_VARIANTS, ConfigError, EvalConfig
+from vae_core.data.errors import ProcessedDataError
 from vae_core.evaluation.classifier import MnistClassifier, load_classifier
 from vae_core.evaluation.images import (
     save_interpolation,
@@ -44,7 +45,7 @@ from vae_core.evaluation.likelihood import (
 )
 from vae_core.evaluation.sample_quality import sample_quality_report
 from vae_core.training.checkpoint import MODEL_CONFIG_NAME, load_model
-from vae_core.training.run import VARIANT_LABELS, test_inputs
+from vae_core.training.run import VARIANT_LABELS, split_inputs
 from vae_core.training.trainer import EVAL_BATCH_SIZE
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ METRICS_NAME = "metrics.json"
 NLL_FILE = "per_example_nll.npy"
 NOT_A_LIKELIHOOD_FILE = "per_example_neg_iwae_bce_greylevels.npy"
 INDEX_FILE = "per_example_index.npy"
+HOLDOUT_PREFIX = "holdout_"
 PNG_FILES = ("samples.png", "reconstructions.png", "interpolation.png", "latent_map.png")
 GRID_SAMPLES = 64
 RECONSTRUCTIONS = 32
@@ -137,7 +139,7 @@ def evaluate_model(
     likelihood = getattr(getattr(model, "config", None), "likelihood", "bernoulli")
     kind, kind_sentence = likelihood_kind(likelihood, data_variant)
     is_likelihood = not kind.startswith("not_a_likelihood")
-    x_test = test_inputs(splits, data_variant).to(device)
+    x_test = split_inputs(splits, "test", data_variant).to(device)
 
     metrics: dict[str, float | int | str] = {
         "data_variant": data_variant,
@@ -208,6 +210,27 @@ def evaluate_model(
         np.save(out_dir / per_example_file, iwae.nll.astype(np.float64))
         np.save(out_dir / INDEX_FILE, iwae.indices.astype(np.int64))
 
+        # The holdout, all of it, with the same estimator: what the promotion gate decides on
+        # (example by example against the champion), so the test set never decides anything.
+        x_holdout = split_inputs(splits, "holdout", data_variant).to(device)
+        if len(x_holdout):
+            holdout = iwae_nll(
+                model, x_holdout, iwae_k, test_size=0, seed=seed, max_rows=iwae_max_rows
+            )
+            metrics.update(
+                {
+                    f"holdout_{name.removeprefix('test_')}": holdout.mean,
+                    "holdout_num_examples": len(holdout.indices),
+                    "holdout_estimator": f"as {name}, on all {len(x_holdout)} holdout images "
+                    "(carved from the training data): the promotion gate's data, not a test "
+                    "figure",
+                    "holdout_per_example_file": HOLDOUT_PREFIX + per_example_file,
+                    "holdout_per_example_index_file": HOLDOUT_PREFIX + INDEX_FILE,
+                }
+            )
+            np.save(out_dir / (HOLDOUT_PREFIX + per_example_file), holdout.nll.astype(np.float64))
+            np.save(out_dir / (HOLDOUT_PREFIX + INDEX_FILE), holdout.indices.astype(np.int64))
+
         count, _ = active_units(model, x_test, batch_size=eval_batch_size)
         metrics.update(
             {
@@ -266,17 +289,24 @@ def evaluate_model(
     return metrics
 
 
-def load_per_example(eval_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The per-example IWAE figures written by evaluate_model, their test indices and the
-    metrics: what the promotion gate compares, example by example, between two models.
+def load_per_example(eval_dir: Path, split: str = "test") -> tuple[np.ndarray, np.ndarray, dict]:
+    """The per-example IWAE figures evaluate_model wrote for ``split`` (test, or holdout: what
+    the promotion gate compares, example by example, between two models), their indices in
+    that split, and the metrics.
 
     Read through metrics["per_example_file"], so a summed-BCE run (not a likelihood) can only be
     compared under its own name, never mistaken for an NLL.
     """
     eval_dir = Path(eval_dir)
     metrics = json.loads((eval_dir / METRICS_NAME).read_text())
-    values = np.load(eval_dir / metrics["per_example_file"], allow_pickle=False)
-    indices = np.load(eval_dir / metrics["per_example_index_file"], allow_pickle=False)
+    prefix = "" if split == "test" else f"{split}_"
+    if f"{prefix}per_example_file" not in metrics:
+        raise ProcessedDataError(
+            f"{eval_dir / METRICS_NAME}: expected per-example figures of the {split} split, "
+            "found none (was the data prepared with data.holdout_size >= 1?)"
+        )
+    values = np.load(eval_dir / metrics[f"{prefix}per_example_file"], allow_pickle=False)
+    indices = np.load(eval_dir / metrics[f"{prefix}per_example_index_file"], allow_pickle=False)
     return values, indices, metrics
 
 

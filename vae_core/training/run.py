@@ -26,11 +26,12 @@ VARIANT_LABELS = {
 }
 
 
-def test_inputs(splits: DatasetSplits, data_variant: str) -> torch.Tensor:
-    """The test set in the variant the model was trained on, as floats (N, 1, 28, 28)."""
+def split_inputs(splits: DatasetSplits, split: str, data_variant: str) -> torch.Tensor:
+    """The holdout or test set in the variant the model was trained on, as floats
+    (N, 1, 28, 28): the fixed binarized copy, or the grey levels."""
     if data_variant == "binarized":
-        return to_unit_float(splits.test_binarized.float())
-    return to_unit_float(splits.test_images)
+        return to_unit_float(getattr(splits, f"{split}_binarized").float())
+    return to_unit_float(getattr(splits, f"{split}_images"))
 
 
 @dataclass
