@@ -52,3 +52,18 @@ def wait_for(what: str, check, timeout_s: float, proc=None, every_s: float = 2.0
         time.sleep(every_s)
     tail = f"\n{proc.name} log:\n{proc.tail()}" if proc is not None else ""
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}{tail}")
+
+
+def deployment_runs(server: SimpleNamespace, deployment: dict, serve) -> list[dict]:
+    """Every flow run of ``deployment``; a failed or crashed one fails the test at once, with
+    the serving process's log."""
+    found = api(
+        server,
+        "POST",
+        "/flow_runs/filter",
+        {"deployments": {"id": {"any_": [deployment["id"]]}}, "limit": 200},
+    )
+    bad = [r for r in found if r["state_type"] in ("FAILED", "CRASHED")]
+    if bad:
+        pytest.fail(f"a scheduled run ended {bad[0]['state_name']}:\n{serve.tail(150)}")
+    return found

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from integration_servers import FLOW, RUN_TIMEOUT_S, api, client_env, wait_for
+from integration_servers import FLOW, RUN_TIMEOUT_S, api, client_env, deployment_runs, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,15 +57,7 @@ def test_served_flow_runs_on_its_schedule(
         assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
 
         def runs(*state_types: str) -> list[dict]:
-            found = api(
-                prefect_server,
-                "POST",
-                "/flow_runs/filter",
-                {"deployments": {"id": {"any_": [deployment["id"]]}}, "limit": 200},
-            )
-            bad = [r for r in found if r["state_type"] in ("FAILED", "CRASHED")]
-            if bad:
-                pytest.fail(f"a scheduled run ended {bad[0]['state_name']}:\n{serve.tail(120)}")
+            found = deployment_runs(prefect_server, deployment, serve)
             return [r for r in found if r["state_type"] in state_types]
 
         wait_for(

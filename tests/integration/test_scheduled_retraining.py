@@ -19,34 +19,12 @@ from __future__ import annotations
 import json
 import subprocess
 
-import numpy as np
 import pytest
-from integration_servers import FLOW, RUN_TIMEOUT_S, api, client_env, wait_for
+from integration_servers import FLOW, RUN_TIMEOUT_S, api, client_env, deployment_runs, wait_for
+from synthetic_digits import write_digit_folder
 
 MODEL = "mnist-vae"
 SIZES = {"val": 200, "holdout": 200}
-
-
-def write_digits(folder, n_train: int, n_test: int, seed: int) -> None:
-    """Noisy copies of ten random templates, as the four standard IDX files."""
-    from vae_core.data.idx import write_idx
-    from vae_core.data.sources import RAW_FILES
-
-    rng = np.random.default_rng(seed)
-    templates = rng.random((10, 28, 28)) < 0.15
-    n = n_train + n_test
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    flips = rng.random((n, 28, 28)) < 0.05
-    images = ((templates[labels] ^ flips) * 255).astype(np.uint8)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train_images": images[:n_train],
-        "train_labels": labels[:n_train],
-        "test_images": images[n_train:],
-        "test_labels": labels[n_train:],
-    }
-    for key, name in RAW_FILES.items():
-        write_idx(folder / name, arrays[key])
 
 
 @pytest.mark.slow  # two servers and three scheduled runs: several minutes on two cores
@@ -65,7 +43,7 @@ def test_scheduled_runs_notice_new_data_skip_unchanged_work_and_keep_history(
 
     ws = workspace_factory("scheduled")
     source = tmp_path / "incoming"
-    write_digits(source, 1200, 200, seed=1)
+    write_digit_folder(source, 1200, 200, seed=1)
     overrides = [*tiny_overrides, f"data.source={source}"]
     overrides += [f"data.{split}_size={n}" for split, n in SIZES.items()]
     cmd = [proc_tools.bin_path("vae-pipeline"), "serve", "--interval", "5", "--name", "retrain"]
@@ -88,16 +66,7 @@ def test_scheduled_runs_notice_new_data_skip_unchanged_work_and_keep_history(
     seen: set[str] = set()
 
     def flow_runs() -> list[dict]:
-        found = api(
-            prefect_server,
-            "POST",
-            "/flow_runs/filter",
-            {"deployments": {"id": {"any_": [deployment["id"]]}}, "limit": 200},
-        )
-        bad = [r for r in found if r["state_type"] in ("FAILED", "CRASHED")]
-        if bad:
-            pytest.fail(f"a scheduled run ended {bad[0]['state_name']}:\n{serve.tail(150)}")
-        return found
+        return deployment_runs(prefect_server, deployment, serve)
 
     def phase(what: str) -> list[dict]:
         """Let scheduled runs through until one starts, hold the rest back, and return the
@@ -142,7 +111,7 @@ def test_scheduled_runs_notice_new_data_skip_unchanged_work_and_keep_history(
         assert counts_1 == {"train": 800, "val": 200, "holdout": 200, "test": 200}
 
         # 2. New files in the same folder: fetched, trained, registered, gated on the holdout.
-        write_digits(source, 1500, 300, seed=2)
+        write_digit_folder(source, 1500, 300, seed=2)
         phase("new data")
         after_new = versions()
         assert sorted(after_new) == ["1", "2"]

@@ -18,11 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-
-from vae_core.data.idx import write_idx
-from vae_core.data.sources import RAW_FILES
+from synthetic_digits import write_digit_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 6
@@ -32,21 +29,7 @@ KILL_AFTER = (2, 4)
 
 
 def write_source(folder: Path) -> None:
-    rng = np.random.default_rng(0)
-    base = rng.random((10, 28, 28)) < 0.15  # ten "digit" templates, then noisy copies
-    n_train, n_test = 800, 200
-    labels = np.arange(n_train + n_test) % 10
-    flips = rng.random((n_train + n_test, 28, 28)) < 0.05
-    images = ((base[labels] ^ flips) * 255).astype(np.uint8)
-    folder.mkdir(parents=True)
-    arrays = {
-        "train_images": images[:n_train],
-        "train_labels": labels[:n_train].astype(np.uint8),
-        "test_images": images[n_train:],
-        "test_labels": labels[n_train:].astype(np.uint8),
-    }
-    for key, name in RAW_FILES.items():
-        write_idx(folder / name, arrays[key])
+    write_digit_folder(folder, 800, 200)
 
 
 def command(source: Path, out: Path) -> list[str]:

@@ -8,32 +8,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import yaml
+from synthetic_digits import write_digit_folder
 from test_pipeline_faults import registry_state, run_cli
 
 from flows.params import write_params
-
-
-def write_digits(folder: Path, n_train: int, n_test: int) -> None:
-    from vae_core.data.idx import write_idx
-    from vae_core.data.sources import RAW_FILES
-
-    rng = np.random.default_rng(0)
-    templates = rng.random((10, 28, 28)) < 0.15
-    labels = (np.arange(n_train + n_test) % 10).astype(np.uint8)
-    images = ((templates[labels] ^ (rng.random((len(labels), 28, 28)) < 0.05)) * 255).astype(
-        np.uint8
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train_images": images[:n_train],
-        "train_labels": labels[:n_train],
-        "test_images": images[n_train:],
-        "test_labels": labels[n_train:],
-    }
-    for key, name in RAW_FILES.items():
-        write_idx(folder / name, arrays[key])
 
 
 def data_state(helpers, ws: Path) -> dict:
@@ -48,7 +27,7 @@ def test_bad_source_between_runs_fails_clearly_and_keeps_data_and_champion(
 ) -> None:
     ws = pipeline_workspace("bad-source")
     folder = tmp_path / "incoming"
-    write_digits(folder, 1000, 200)
+    write_digit_folder(folder, 1000, 200)
     write_params(
         ws / "params.yaml",
         [f"data.source={folder}", "data.val_size=200", "data.holdout_size=200"],
