@@ -139,7 +139,25 @@ def move_aliases(
             model_name, f"{HISTORY_PREFIX}{seq:06d}", json.dumps(entry, sort_keys=True)
         )
         recorded.append(entry | {"seq": seq})
+    if recorded:
+        _describe(client, model_name)
     return recorded
+
+
+DESCRIBED_MOVES = 15  # the registered model's description shows the latest moves as a table
+
+
+def _describe(client: MlflowClient, model_name: str) -> None:
+    """The latest moves as a Markdown table in the registered model's description, which the
+    MLflow UI renders on the model's page (the tags keep the full record)."""
+    history = read_history(client, model_name)
+    shown = history[-DESCRIBED_MOVES:]
+    text = (
+        f"**Alias history** (the latest {len(shown)} of {len(history)} moves; every move is "
+        f"kept in the `{HISTORY_PREFIX}*` tags, `vae-pipeline history` prints them all)\n\n"
+        + history_table(shown)
+    )
+    client.update_registered_model(model_name, description=text[:5000])
 
 
 def history_table(entries: list[dict[str, Any]]) -> str:

@@ -428,6 +428,10 @@ def test_history_table_lists_every_move(backend, logged, name):
     assert len(rows) == 2 + 1 + 2 + 2  # challenger x2, promote (1 alias), promote x2, rollback x2
     assert rows[-2].startswith("| 6 |") and "| carol | rollback | champion | 2 | 1 |" in rows[-2]
     assert "| back to the first |" in rows[-1]
+    # The model's page shows the same table (its description renders Markdown).
+    description = client.get_registered_model(name).description
+    assert description.startswith("**Alias history** (the latest 7 of 7 moves")
+    assert rows[-2] in description
 
 
 def test_the_registry_lock_serializes_a_second_writer(backend, logged, name, tmp_path):
