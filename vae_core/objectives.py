@@ -41,13 +41,14 @@ def elbo_terms(model: VAE, x: torch.Tensor, generator: torch.Generator | None = 
 
 
 def beta_at(epoch: int, beta: float, warmup_epochs: int) -> float:
-    """KL weight for a (0-based) epoch: a linear ramp from 1/(warmup+1) to beta.
+    """KL weight for a (0-based) epoch: a linear ramp from 0 at the first epoch to beta after
+    ``warmup_epochs`` epochs (as params.yaml says), then beta.
 
     A weight other than 1 no longer gives the ELBO; evaluation always uses the unweighted bound.
     """
     if warmup_epochs <= 0:
         return beta
-    return beta * min(1.0, (epoch + 1) / (warmup_epochs + 1))
+    return beta * min(1.0, epoch / warmup_epochs)
 
 
 def training_loss(

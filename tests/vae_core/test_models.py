@@ -53,3 +53,17 @@ def test_log_variance_is_clamped():
 def test_bad_config_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         VAEConfig(**{field: value})
+
+
+def test_the_reparameterized_sample_is_float32_under_bf16_autocast():
+    model = build_vae({"hidden_sizes": [32], "latent_dim": 4}, seed=0)
+    x = torch.rand(8, 1, 28, 28)
+    gen = torch.Generator().manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mu, logvar = model.encode(x)
+        z = model.reparameterize(mu, logvar, gen)
+    assert mu.dtype == torch.bfloat16  # the encoder ran in bf16 ...
+    assert z.dtype == torch.float32  # ... the sample does not
+    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(0))
+    expected = mu.float() + torch.exp(0.5 * logvar.float()) * eps
+    assert torch.equal(z, expected)

@@ -59,5 +59,6 @@ def test_continuous_bernoulli_is_normalized(logit):
 
 
 def test_beta_warmup_ramps_linearly_to_beta():
-    assert [beta_at(e, 1.0, 3) for e in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    # From 0 at the first epoch (as params.yaml says) to beta after the warm-up epochs.
+    assert [beta_at(e, 1.0, 3) for e in range(5)] == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0, 1.0])
     assert beta_at(0, 0.5, 0) == 0.5

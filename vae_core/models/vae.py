@@ -37,8 +37,13 @@ class VAE(nn.Module):
     def reparameterize(
         mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """z = mu + sigma * eps, eps ~ N(0, I): the sample is differentiable in mu and sigma."""
-        eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+        """z = mu + sigma * eps, eps ~ N(0, I): the sample is differentiable in mu and sigma.
+
+        In float32 whatever the autocast: a bf16 eps and z would add noise of their own to the
+        sample the ELBO is estimated from.
+        """
+        mu, logvar = mu.float(), logvar.float()
+        eps = torch.randn(mu.shape, device=mu.device, dtype=torch.float32, generator=generator)
         return mu + torch.exp(0.5 * logvar) * eps
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -66,8 +71,16 @@ class VAE(nn.Module):
         return self.forward(x)
 
 
-def build_vae(config: VAEConfig | dict | None = None) -> VAE:
-    """Build a VAE from a config object or a plain dict (a saved model_config.json)."""
+def build_vae(config: VAEConfig | dict | None = None, seed: int | None = None) -> VAE:
+    """Build a VAE from a config object or a plain dict (a saved model_config.json).
+
+    With ``seed``, the initial weights depend on that seed alone (torch's global generator is
+    left as it was), so the same seed gives the same model whatever ran before.
+    """
     if isinstance(config, dict):
         config = VAEConfig.from_dict(config)
-    return VAE(config)
+    if seed is None:
+        return VAE(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VAE(config)

@@ -60,8 +60,8 @@ def run_training(
     out_dir/model/{model.pt,model_config.json}, the model evaluation and registration read.
     """
     out_dir = Path(out_dir)
-    torch.manual_seed(train_config.seed)  # the initial weights too: same seed, same model
-    trainer = Trainer(build_vae(model_config), train_config, progress=progress)
+    model = build_vae(model_config, seed=train_config.seed)  # same seed, same initial weights
+    trainer = Trainer(model, train_config, progress=progress)
     result = trainer.fit(
         splits.train_images,
         splits.val_images,

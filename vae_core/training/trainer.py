@@ -68,7 +68,6 @@ class Trainer:
         self.config = config
         self.progress = progress  # a progress bar per epoch on stderr
         self.device = pick_device(config.device)
-        torch.manual_seed(config.seed)
         self.model = model.to(self.device)
         # Fused Adam: one kernel for all parameters, on CUDA and on the CPU (about 20% more
         # images per second here for the default MLP at batch 128).
@@ -102,7 +101,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.shuffle_gen.set_state(state["shuffle_rng"])
-        self.noise_gen.set_state(state["noise_rng"].to(self.noise_gen.device))
+        self.noise_gen.set_state(state["noise_rng"].cpu())  # a CPU byte tensor, CUDA too
         result.history = list(state["history"])
         result.best_epoch = int(state["best_epoch"])
         result.best_val_neg_elbo = float(state["best_val_neg_elbo"])
@@ -133,8 +132,10 @@ class Trainer:
         if ckpt_path is not None and resume and ckpt_path.is_file():
             since_best = self._restore(load_checkpoint(ckpt_path), result)
             start_epoch = result.resumed_from_epoch
-        elif ckpt_path is not None and not resume and ckpt_path.exists():
-            ckpt_path.unlink()
+        elif ckpt_path is not None and not resume:
+            # A fresh start: an earlier run's best weights must not come back at the end.
+            ckpt_path.unlink(missing_ok=True)
+            (Path(checkpoint_dir) / BEST_WEIGHTS_NAME).unlink(missing_ok=True)
 
         n = len(train_x)
         seen, train_seconds = 0, 0.0
