@@ -42,7 +42,7 @@ def test_every_project_error_class_derives_from_vae_error() -> None:
     from vae_core.config import ConfigError
     from vae_core.data.errors import DataError
     from vae_core.training.checkpoint import ModelFileError
-    from vae_core.training.trainer import NonFiniteLossError
+    from vae_core.training.trainer import CheckpointMismatchError, NonFiniteLossError
 
     for error in (
         DvcError,
@@ -57,5 +57,6 @@ def test_every_project_error_class_derives_from_vae_error() -> None:
         DataError,
         ModelFileError,
         NonFiniteLossError,
+        CheckpointMismatchError,
     ):
         assert issubclass(error, VaeError), error

@@ -146,3 +146,19 @@ def test_the_best_epochs_weights_are_the_ones_kept(tmp_path):
     )
     assert float(-again.elbo.mean()) == pytest.approx(result.best_val_neg_elbo, rel=1e-6)
     assert result.history[result.best_epoch - 1]["val_neg_elbo"] == result.best_val_neg_elbo
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
+    from vae_core.training.trainer import CheckpointMismatchError
+
+    first = Trainer(build_vae(SMALL, seed=0), _config(epochs=1), progress=False)
+    first.fit(_images(128, 0), _images(32, 1), tmp_path)
+    other_lr = Trainer(build_vae(SMALL, seed=0), _config(epochs=2, lr=3e-3), progress=False)
+    with pytest.raises(
+        CheckpointMismatchError, match=r"last.pt: .*train.lr: checkpoint 0.001, now 0.003"
+    ):
+        other_lr.fit(_images(128, 0), _images(32, 1), tmp_path)
+    # More epochs (and a new patience) is what resuming is for: allowed.
+    more = Trainer(build_vae(SMALL, seed=0), _config(epochs=2, patience=3), progress=False)
+    result = more.fit(_images(128, 0), _images(32, 1), tmp_path)
+    assert result.resumed_from_epoch == 1 and result.epochs_completed == 2

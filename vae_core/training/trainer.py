@@ -33,6 +33,14 @@ EpochCallback = Callable[[dict], None]
 EVAL_BATCH_SIZE = 10_000
 
 
+#: Settings that may differ between a checkpoint and the run that resumes it.
+RESUME_MAY_CHANGE = ("epochs", "patience", "device", "compile")
+
+
+class CheckpointMismatchError(VaeError, ValueError):
+    """A checkpoint belongs to a run with other settings than the one resuming it."""
+
+
 class NonFiniteLossError(VaeError, RuntimeError):
     """The loss became NaN or infinite; training stopped before applying that step."""
 
@@ -95,7 +103,33 @@ class Trainer:
             "best_val_neg_elbo": result.best_val_neg_elbo,
             "epochs_since_best": since_best,
             "model_config": self.model.config.to_dict(),
+            "train_config": self._resumable_settings(),
         }
+
+    def _resumable_settings(self) -> dict:
+        """The settings a checkpoint must share with the run that resumes it: all but those
+        that may change between two halves of one training (how long, where, compiled)."""
+        settings = self.config.to_dict()
+        for key in RESUME_MAY_CHANGE:
+            settings.pop(key)
+        return settings
+
+    def _check_same_run(self, state: dict, path: Path) -> None:
+        """Refuse to resume another run's checkpoint: its optimizer state and history would
+        silently replace this run's settings (the learning rate, for one)."""
+        mine = {"model": self.model.config.to_dict(), "train": self._resumable_settings()}
+        theirs = {"model": state.get("model_config"), "train": state.get("train_config")}
+        differ = [
+            f"{section}.{key}: checkpoint {(theirs[section] or {}).get(key)!r}, now {value!r}"
+            for section, values in mine.items()
+            for key, value in values.items()
+            if (theirs[section] or {}).get(key) != value
+        ]
+        if differ:
+            raise CheckpointMismatchError(
+                f"{path}: this checkpoint was made with other settings ({'; '.join(differ)}): "
+                "resume with the same settings, or start afresh (--no-resume / resume=False)"
+            )
 
     def _restore(self, state: dict, result: TrainResult) -> int:
         self.model.load_state_dict(state["model"])
@@ -130,7 +164,9 @@ class Trainer:
         start_epoch = 0
         ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
         if ckpt_path is not None and resume and ckpt_path.is_file():
-            since_best = self._restore(load_checkpoint(ckpt_path), result)
+            state = load_checkpoint(ckpt_path)
+            self._check_same_run(state, ckpt_path)
+            since_best = self._restore(state, result)
             start_epoch = result.resumed_from_epoch
         elif ckpt_path is not None and not resume:
             # A fresh start: an earlier run's best weights must not come back at the end.
