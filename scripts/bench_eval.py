@@ -2,26 +2,44 @@
 
     .venv/bin/python scripts/bench_eval.py                       # embedded test set, CPU or GPU
     .venv/bin/python scripts/bench_eval.py --mnist-dir ../shared/data/mnist --train-epochs 10
+    .venv/bin/python scripts/bench_eval.py --throughput --preset burda1 --k 5000 --images 200
 
 Runs k=100 and k=1000 on 1,000 test images (the first 1,000 of a seeded permutation), and
 k=5000 on the whole test set only when CUDA is present. With --train-epochs N the model is first
 trained (dynamically binarized, the library's trainer) so the printed NLLs mean something;
 without it the weights are random and only the timings are meaningful. The IWAE cost does not
 depend on the weights.
+
+--throughput is a separate mode: it measures this machine's fp32 matrix-product rate (a large
+square matmul, best of a few, before and after), then times one IWAE evaluation of a model
+preset (random weights) with --k samples on --images test images, and prints the rate of the
+model's useful work: the FLOPs of its matrix products (the encoder once per image, everything
+that runs per importance sample once per sample) per second, and that rate as a fraction of
+the matmul rate measured in the same run. Both rates share the machine with whatever else
+runs on it, so compare fractions from one run rather than rates from different runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vae_core.evaluation.likelihood import elbo_summary, iwae_nll  # noqa: E402
+from vae_core.evaluation.likelihood import (  # noqa: E402
+    elbo_summary,
+    iwae_log_likelihood,
+    iwae_nll,
+)
+from vae_core.models.factory import build_vae  # noqa: E402
 from vae_core.models.vae import VAE, VAEConfig  # noqa: E402
 from vae_core.training import TrainConfig, Trainer, load_model, pick_device  # noqa: E402
 from vae_core.training.run import split_inputs  # noqa: E402
@@ -59,6 +77,152 @@ def _time_iwae(model, x, k: int, test_size: int, seed: int, device: torch.device
     print(f"{label}_nll_iwae_stderr {result.stderr:.3f}")
 
 
+PRESETS = {
+    "mlp": VAEConfig(),
+    "burda1": VAEConfig(hidden_sizes=(200, 200), latent_dim=50, activation="tanh"),
+    "burda2": VAEConfig(
+        architecture="mlp2", hidden_sizes=(200, 200), latent_dim=100, activation="tanh"
+    ),
+}
+
+
+@functools.cache
+def _matmul_operands(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=gen) for _ in range(2))
+    return a, b, torch.empty(size, size)
+
+
+def _matmul_gflops(size: int, repeats: int) -> float:
+    """Best-of-`repeats` rate of a (size x size) @ (size x size) fp32 product, GFLOP/s."""
+    a, b, out = _matmul_operands(size)
+    torch.mm(a, b, out=out)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best / 1e9
+
+
+def _linear_flops(*modules: nn.Module) -> int:
+    """FLOPs of one input's pass through every nn.Linear of the modules (2 * in * out each)."""
+    return sum(
+        2 * m.in_features * m.out_features
+        for module in modules
+        for m in module.modules()
+        if isinstance(m, nn.Linear)
+    )
+
+
+def _flops_per_image_and_sample(model: nn.Module) -> tuple[int, int]:
+    if hasattr(model, "q_z1"):  # two stochastic layers: only q(z1|x) runs once per image
+        return _linear_flops(model.q_z1), _linear_flops(model.q_z2, model.p_z1, model.p_x)
+    return _linear_flops(model.encoder), _linear_flops(model.decoder)
+
+
+def _test_images(data: str, n: int, seed: int) -> tuple[str, torch.Tensor]:
+    """n test images (N, 1, 28, 28) in {0, 1}: the embedded test set (cycled past its 1,000
+    images) or random binary images; the IWAE cost does not depend on the pixel values."""
+    if data == "embedded":
+        try:
+            from vae_core.data import load_splits
+
+            splits = load_splits("embedded", "mnist", val_size=500)
+            x = split_inputs(splits, "test", "binarized")
+            return "embedded", x[torch.arange(n) % len(x)].contiguous()
+        except Exception as exc:  # noqa: BLE001 - fall back to random images, say so
+            print(f"embedded_data_unavailable {type(exc).__name__}")
+    gen = torch.Generator().manual_seed(seed)
+    return "random_binary", torch.bernoulli(torch.full((n, 1, 28, 28), 0.13), generator=gen)
+
+
+def _matmul_gflops_per_core(size: int, repeats: int) -> float:
+    """Best-of-`repeats` rate of the fp32 product on one thread, per second of CPU time: what
+    one core does while it runs, however busy the machine (time sliced away does not count)."""
+    threads = torch.get_num_threads()
+    a, b, out = _matmul_operands(size)
+    try:
+        torch.set_num_threads(1)
+        torch.mm(a, b, out=out)
+        best = float("inf")
+        for _ in range(repeats):
+            c0 = time.thread_time()
+            torch.mm(a, b, out=out)
+            best = min(best, time.thread_time() - c0)
+    finally:
+        torch.set_num_threads(threads)
+    return 2.0 * size**3 / best / 1e9
+
+
+def throughput(args: argparse.Namespace) -> int:
+    """The --throughput mode: matmul rate, then one timed IWAE evaluation of a preset.
+
+    The images go through in --segments calls (each example's estimate does not depend on the
+    grouping), each preceded by a matmul measurement: on a machine shared with other jobs the
+    share of the cores this process gets changes by the second, so besides the whole run's
+    fraction (total time against the best matmul) the script prints the median of each
+    segment's rate over its neighbouring matmul rate, and a CPU-time fraction (FLOPs per CPU
+    second of this process against one thread's matmul FLOPs per CPU second) that time sliced
+    away to other processes does not change.
+    """
+    print("mode throughput")
+    print(f"torch_threads {torch.get_num_threads()}")
+    print(f"preset {args.preset}")
+    model = build_vae(PRESETS[args.preset], seed=args.seed).eval()
+    per_image, per_sample = _flops_per_image_and_sample(model)
+    data_name, x = _test_images(args.data, args.images, args.seed)
+    print(f"data {data_name}")
+    fast = not args.generic and model.iwae_scorer(1) is not None
+    print(f"fast_path {int(fast)}")
+    n, k = len(x), args.k
+    iwae_log_likelihood(model, x[:2], 8, seed=args.seed, fast=fast)  # warm-up
+    load_before = os.getloadavg()[0]
+    bounds = np.linspace(0, n, max(1, min(args.segments, n)) + 1).round().astype(int)
+    matmuls, segment_rates, log_px = [], [], np.empty(n)
+    seconds = cpu_seconds = 0.0
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        matmuls.append(_matmul_gflops(args.matmul_size, args.matmul_repeats))
+        t0, c0 = time.perf_counter(), time.process_time()
+        log_px[lo:hi] = iwae_log_likelihood(
+            model, x[lo:hi], k, seed=args.seed, indices=np.arange(lo, hi), fast=fast
+        )
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        seconds, cpu_seconds = seconds + wall, cpu_seconds + cpu
+        segment_rates.append((hi - lo) * (per_image + k * per_sample) / wall / 1e9)
+    matmuls.append(_matmul_gflops(args.matmul_size, args.matmul_repeats))
+    load_after = os.getloadavg()[0]
+    per_core = _matmul_gflops_per_core(args.matmul_size // 2, args.matmul_repeats)
+    matmul = max(matmuls)
+    flops = n * per_image + n * k * per_sample
+    iwae_gflops = flops / seconds / 1e9
+    paired = [rate / max(matmuls[i], matmuls[i + 1]) for i, rate in enumerate(segment_rates)]
+    print(f"matmul_size {args.matmul_size}")
+    print(f"matmul_gflops_runs {' '.join(f'{m:.1f}' for m in matmuls)}")
+    print(f"matmul_gflops {matmul:.1f}")
+    print(f"matmul_gflops_per_core_cpu_second {per_core:.1f}")
+    print(f"k {k}")
+    print(f"images {n}")
+    print(f"segments {len(segment_rates)}")
+    print(f"flops_per_image {per_image}")
+    print(f"flops_per_sample {per_sample}")
+    print(f"seconds {seconds:.3f}")
+    print(f"cpu_seconds {cpu_seconds:.3f}")
+    # Below torch_threads when other jobs share the cores (the matmul rate suffers too).
+    print(f"cores_used {cpu_seconds / seconds:.2f}")
+    print(f"loadavg_1min_before {load_before:.2f}")
+    print(f"loadavg_1min_after {load_after:.2f}")
+    print(f"samples_per_second {n * k / seconds:.0f}")
+    print(f"iwae_gflops {iwae_gflops:.1f}")
+    print(f"fraction_of_matmul {iwae_gflops / matmul:.3f}")
+    print(f"fraction_of_matmul_paired_median {float(np.median(paired)):.3f}")
+    print(f"fraction_of_matmul_cpu_time {flops / cpu_seconds / 1e9 / per_core:.3f}")
+    full = 10_000 * per_image + 10_000 * 5000 * per_sample
+    print(f"seconds_for_k5000_all_10000 {full / (iwae_gflops * 1e9):.0f}")
+    print(f"mean_log_px {float(log_px.mean()):.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -71,7 +235,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-epochs", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    mode = parser.add_argument_group("--throughput mode")
+    mode.add_argument(
+        "--throughput", action="store_true", help="matmul rate, then one timed IWAE evaluation"
+    )
+    mode.add_argument("--preset", choices=sorted(PRESETS), default="mlp")
+    mode.add_argument("--k", type=int, default=5000, help="importance samples per image")
+    mode.add_argument("--images", type=int, default=200, help="test images to evaluate")
+    mode.add_argument("--data", choices=("embedded", "random"), default="embedded")
+    mode.add_argument("--matmul-size", type=int, default=4096)
+    mode.add_argument("--matmul-repeats", type=int, default=2, help="per measurement point")
+    mode.add_argument(
+        "--segments", type=int, default=4, help="IWAE calls, each after a matmul measurement"
+    )
+    mode.add_argument(
+        "--generic", action="store_true", help="force the generic path (the 'before' figures)"
+    )
     args = parser.parse_args(argv)
+    if args.throughput:
+        return throughput(args)
 
     device = pick_device(args.device)
     data_name, splits = _splits(args.mnist_dir)

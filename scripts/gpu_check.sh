@@ -23,6 +23,10 @@ if [ -n "$mnist_dir" ]; then
   $py -m flows.cli bench --mnist-dir "$mnist_dir" --device cuda
   echo "== IWAE evaluation timing"
   $py scripts/bench_eval.py --mnist-dir "$mnist_dir" --train-epochs 10 --device cuda
+  echo "== vae-pipeline reproduce, short (k=5000 on all 10,000 test images per row)"
+  MLFLOW_TRACKING_URI=sqlite:///$(mktemp -d)/mlflow.db \
+    $py -m flows.cli reproduce --mnist-dir "$mnist_dir" --budget-minutes 4 --device cuda \
+    --rows seed_mlp,burda1_vae --out "$(mktemp -d)"
 else
   echo "no MNIST folder given: benchmark skipped (pass MNIST_DIR)" >&2
 fi

@@ -25,7 +25,10 @@ from vae_core.errors import VaeError
 
 DATASETS = ("mnist", "fashion-mnist", "kmnist")
 NAMED_SOURCES = ("embedded", "download")
-ARCHITECTURES = ("mlp", "conv")
+ARCHITECTURES = ("mlp", "conv", "mlp2")  # mlp2: two stochastic layers (Burda et al. 2015)
+ACTIVATIONS = ("relu", "tanh")
+OBJECTIVES = ("elbo", "iwae")
+LR_SCHEDULES = ("constant", "exponential", "burda")
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli")
 DATA_VARIANTS = ("binarized", "continuous")
 
@@ -213,8 +216,12 @@ class VAEConfig(Section):
     SECTION: ClassVar[str] = "model"
     architecture: str = setting("mlp", one_of(*ARCHITECTURES))
     hidden_sizes: tuple[int, ...] = setting((400,), POSITIVE_INTS)
-    latent_dim: int = setting(20, integer(1))
+    latent_dim: int = setting(20, integer(1))  # mlp2: the first stochastic layer, z1
     likelihood: str = setting("bernoulli", one_of(*LIKELIHOODS))
+    activation: str = setting("relu", one_of(*ACTIVATIONS))  # of the MLP hidden layers
+    # mlp2 only: the second stochastic layer z2 and the hidden layers between z1 and z2
+    top_hidden_sizes: tuple[int, ...] = setting((100, 100), POSITIVE_INTS)
+    top_latent_dim: int = setting(50, integer(1))
 
 
 @dataclass(frozen=True)
@@ -224,12 +231,22 @@ class TrainConfig(Section):
     SECTION: ClassVar[str] = "train"
     # binarized: resampled every epoch; continuous: grey levels in [0, 1]
     data_variant: str = setting("binarized", one_of(*DATA_VARIANTS))
-    epochs: int = setting(10, integer(0))  # 0 trains nothing: a baseline for the gate
+    epochs: int = setting(300, integer(0))  # 0 trains nothing: a baseline for the gate
     batch_size: int = setting(128, integer(1))
-    lr: float = setting(1e-3, number(0.0, 1.0, low_open=True))
+    lr: float = setting(2e-3, number(0.0, 1.0, low_open=True))
+    # constant | exponential (lr to lr * lr_final over the epochs) | burda (lr * 10^(-i/7)
+    # for 3^i epochs, i = 0..7: Burda et al. 2015, 3,280 epochs in all)
+    lr_schedule: str = setting("exponential", one_of(*LR_SCHEDULES))
+    lr_final: float = setting(0.1, number(0.0, 1.0, low_open=True))  # exponential only
+    # elbo (analytic KL where it exists) | iwae (the importance-weighted bound, iwae_k samples)
+    objective: str = setting("elbo", one_of(*OBJECTIVES))
+    iwae_k: int = setting(1, integer(1))  # samples per image of the iwae objective
     beta: float = setting(1.0, number(0.0))
     warmup_epochs: int = setting(0, integer(0))
-    patience: int = setting(5, integer(0))  # epochs without a better val -ELBO; 0 = never stop
+    patience: int = setting(20, integer(0))  # epochs without a better val -ELBO; 0 = never stop
+    # stop after the epoch that passes this many minutes of training (0 = no limit): a time
+    # budget makes the number of epochs depend on the machine, so the default has none
+    max_minutes: float = setting(0.0, number(0.0))
     seed: int = setting(0, integer(0))
     device: str = setting("auto", DEVICE)
     compile: bool = setting(False, BOOLEAN)

@@ -1,43 +1,54 @@
-"""The ELBO per example, in nats, and the training loss built on it.
+"""The training objectives, per example and in nats: the ELBO and the IWAE bound.
 
 Sums over pixels and latent dimensions (never means): a mean over pixels silently rescales the
-reconstruction term and turns the objective into a beta-VAE. The importance-weighted (IWAE)
-bound lives in one place, `vae_core.evaluation.likelihood.iwae_log_likelihood`, whose
-per-example seeding makes it reproducible across batch and chunk sizes.
+reconstruction term and turns the objective into a beta-VAE. The noise eps is an argument, drawn
+by the caller: the trainer draws it outside a compiled loss (torch.compile cannot trace a
+seeded `randn`), and evaluation seeds it per example
+(`vae_core.evaluation.likelihood.iwae_log_likelihood`, the bound as reported).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
+from torch import nn
 
-from vae_core.models.vae import VAE
+from vae_core.models.gaussian import ElboTerms, gaussian_kl
 
-
-@dataclass(frozen=True)
-class ElboTerms:
-    """Per-example terms of the ELBO; each has shape (B,) and is in nats."""
-
-    log_px_z: torch.Tensor  # E_q[log p(x|z)], one-sample estimate
-    kl: torch.Tensor  # KL(q(z|x) || N(0, I)), analytic
-
-    @property
-    def elbo(self) -> torch.Tensor:
-        return self.log_px_z - self.kl
-
-
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, diag(exp(logvar))) || N(0, I)) per example, summed over latent dimensions."""
-    mu, logvar = mu.float(), logvar.float()
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+__all__ = [
+    "ElboTerms",
+    "beta_at",
+    "dataset_elbo",
+    "draw_noise",
+    "gaussian_kl",
+    "iwae_bound",
+    "training_loss",
+]
 
 
-def elbo_terms(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None) -> ElboTerms:
-    """One-sample reparameterized ELBO terms for a batch x of shape (B, 1, 28, 28)."""
-    mu, logvar = model.encode(x)
-    z = model.reparameterize(mu, logvar, generator)
-    return ElboTerms(log_px_z=model.log_likelihood(x, model.decode(z)), kl=gaussian_kl(mu, logvar))
+def draw_noise(
+    model: nn.Module, batch: int, k: int, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Standard-normal noise for k samples of each of `batch` images, shape (batch, k, dim)."""
+    return torch.randn(
+        (batch, k, model.noise_dim), device=device, dtype=torch.float32, generator=generator
+    )
+
+
+def _log_mean_weight(
+    log_px_z: torch.Tensor, log_prior_minus_q: torch.Tensor, beta: float = 1.0
+) -> torch.Tensor:
+    """log (1/k) sum_i w_i over the last dimension, log w_i = log p(x|z_i) + beta (log p(z_i)
+    - log q(z_i|x)). beta = 1 is Burda's bound; below 1 it is the warm-up's tempered version,
+    no longer a bound on log p(x)."""
+    log_w = log_px_z.float() + beta * log_prior_minus_q.float()
+    return torch.logsumexp(log_w, dim=-1) - math.log(log_w.shape[-1])
+
+
+def iwae_bound(model: nn.Module, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The IWAE bound per example with k samples; eps has shape (B, k, noise_dim)."""
+    return _log_mean_weight(*model.log_weight_terms(x, eps))
 
 
 def beta_at(epoch: int, beta: float, warmup_epochs: int) -> float:
@@ -52,25 +63,41 @@ def beta_at(epoch: int, beta: float, warmup_epochs: int) -> float:
 
 
 def training_loss(
-    model: VAE, x: torch.Tensor, beta: float = 1.0, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, ElboTerms]:
-    """Mean over the batch of -(log p(x|z) - beta * KL); returns the loss and the terms."""
-    terms = elbo_terms(model, x, generator)
+    model: nn.Module,
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    beta: float = 1.0,
+    objective: str = "elbo",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch mean of the negated objective, and each example's unweighted bound (nats).
+
+    ``elbo``: eps is (B, noise_dim), one sample, -(log p(x|z) - beta KL). ``iwae``: eps is
+    (B, k, noise_dim), the importance-weighted bound with k samples (k=1 is the ELBO without
+    the analytic KL).
+    """
+    if objective == "iwae":
+        log_px_z, log_prior_minus_q = model.log_weight_terms(x, eps)
+        tempered = _log_mean_weight(log_px_z, log_prior_minus_q, beta)
+        bound = tempered if beta == 1.0 else _log_mean_weight(log_px_z, log_prior_minus_q)
+        return -tempered.mean(), bound.detach()
+    terms = model.elbo_terms(x, eps)
     loss = -(terms.log_px_z - beta * terms.kl).mean()
-    return loss, terms
+    return loss, terms.elbo.detach()
 
 
 @torch.no_grad()
 def dataset_elbo(
-    model: VAE,
+    model: nn.Module,
     x: torch.Tensor,
     batch_size: int = 10_000,
     generator: torch.Generator | None = None,
 ) -> ElboTerms:
-    """ELBO terms for every example of x, evaluated in large batches without gradients."""
-    parts = [
-        elbo_terms(model, x[i : i + batch_size], generator) for i in range(0, len(x), batch_size)
-    ]
+    """One-sample ELBO terms for every example of x, in large batches without gradients."""
+    parts = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        eps = draw_noise(model, len(xb), 1, xb.device, generator).squeeze(1)
+        parts.append(model.elbo_terms(xb, eps))
     return ElboTerms(
         log_px_z=torch.cat([p.log_px_z for p in parts]), kl=torch.cat([p.kl for p in parts])
     )

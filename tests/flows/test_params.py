@@ -35,15 +35,23 @@ EXPECTED = {
         "hidden_sizes": [400],
         "latent_dim": 20,
         "likelihood": "bernoulli",
+        "activation": "relu",
+        "top_hidden_sizes": [100, 100],
+        "top_latent_dim": 50,
     },
     "train": {
         "data_variant": "binarized",
-        "epochs": 10,
+        "epochs": 300,
         "batch_size": 128,
-        "lr": 0.001,
+        "lr": 0.002,
+        "lr_schedule": "exponential",
+        "lr_final": 0.1,
+        "objective": "elbo",
+        "iwae_k": 1,
         "beta": 1.0,
         "warmup_epochs": 0,
-        "patience": 5,
+        "patience": 20,
+        "max_minutes": 0.0,
         "seed": 0,
         "device": "auto",
         "compile": False,
@@ -81,7 +89,7 @@ def test_repo_params_are_the_documented_defaults(repo_root: Path) -> None:
 
 def test_the_tree_is_typed_and_frozen(repo_root: Path) -> None:
     params = load_params(repo_root / "params.yaml")
-    assert params.train.epochs == 10 and params.evaluate.iwae_k == 100
+    assert params.train.epochs == 300 and params.evaluate.iwae_k == 100
     assert params.model.hidden_sizes == (400,)
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.train.epochs = 3  # type: ignore[misc]
@@ -111,7 +119,7 @@ def test_overrides_are_parsed_as_yaml(params_file: Path) -> None:
     assert p.model.hidden_sizes == (512, 256)
     assert p.data.source == "/data/mnist folder"
     assert p.train.device == "cuda:1"
-    assert yaml.safe_load(params_file.read_text())["train"]["epochs"] == 10  # file untouched
+    assert yaml.safe_load(params_file.read_text())["train"]["epochs"] == 300  # file untouched
 
 
 @pytest.mark.parametrize(
@@ -264,7 +272,7 @@ def test_flatten_gives_dotted_strings_that_round_trip(params_file: Path) -> None
     params = load_params(params_file)
     flat = params.flat()
     assert set(flat) == set(KNOWN_KEYS)
-    assert flat["train.lr"] == "0.001"
+    assert flat["train.lr"] == "0.002"
     assert flat["model.hidden_sizes"] == "[400]"
     assert flat["train.compile"] == "false"
     assert flat["data.source"] == "embedded"
@@ -283,9 +291,9 @@ def test_replace_checks_overrides_and_hash_follows_the_values(params_file: Path)
     base = load_params(params_file)
     trial = base.replace({"train.lr": 0.003, "model.latent_dim": 10})
     assert (trial.train.lr, trial.model.latent_dim) == (0.003, 10)
-    assert base.train.lr == 0.001  # the original is untouched
+    assert base.train.lr == 0.002  # the original is untouched
     assert trial.hash() != base.hash()
-    assert base.replace(["train.lr=0.001"]).hash() == base.hash()
+    assert base.replace(["train.lr=0.002"]).hash() == base.hash()
     with pytest.raises(ParamsError, match="train.lr = 3 is not allowed"):
         base.replace(["train.lr=3"])
     with pytest.raises(ParamsError, match="did you mean 'model.latent_dim'"):

@@ -110,9 +110,9 @@ def nan_run(prefect_harness, isolated_mlflow_uri, reliability_template, tmp_path
         current["epoch"] = epoch
         return real_epoch(self, train_x, epoch, beta)
 
-    def poisoned_loss(model, x, beta, generator):
-        loss, terms = real_loss(model, x, beta, generator)
-        return (loss * float("nan"), terms) if current["epoch"] >= 1 else (loss, terms)
+    def poisoned_loss(model, x, eps, beta, objective):
+        loss, bound = real_loss(model, x, eps, beta, objective)
+        return (loss * float("nan"), bound) if current["epoch"] >= 1 else (loss, bound)
 
     with pytest.MonkeyPatch.context() as mp:
         # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which the pipeline prefers over

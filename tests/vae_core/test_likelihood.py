@@ -1,13 +1,16 @@
 """The likelihood estimators: a known-answer test on a linear-Gaussian model, IWAE >= ELBO on a
-VAE, invariance of the per-example estimate to batching and subsets, and active units."""
+VAE, invariance of the per-example estimate to batching and subsets, active units, and the CPU
+fast path of the IWAE evaluation against the generic path and a float64 reference."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vae_core.evaluation.likelihood import (
@@ -19,16 +22,17 @@ from vae_core.evaluation.likelihood import (
     select_subset,
 )
 from vae_core.models import build_vae
-from vae_core.models.vae import VAE, VAEConfig
+from vae_core.models.vae import VAE, OneStochasticLayer, VAEConfig
 from vae_core.objectives import dataset_elbo
 
 
-class LinearGaussian(nn.Module):
+class LinearGaussian(OneStochasticLayer):
     """z ~ N(0, I_d), x | z ~ N(W z + b, s^2 I_D): log p(x) = log N(x | b, W W^T + s^2 I) exactly.
 
-    The encoder is a diagonal Gaussian q(z|x) with the exact posterior mean and the posterior's
-    marginal variances times `inflate`: exact when W^T W is diagonal and inflate is 1, an
-    approximation otherwise. It duck-types the VAE interface the evaluation code uses.
+        The encoder is a diagonal Gaussian q(z|x) with the exact posterior mean and the posterior's
+        marginal variances times `inflate`: exact when W^T W is diagonal and inflate is 1, an
+        approximation otherwise. The library's one-layer bounds (OneStochasticLayer) are computed
+    from its encode/decode/log_likelihood, exactly as for the VAE.
     """
 
     def __init__(self, W: torch.Tensor, b: torch.Tensor, sigma: float, inflate: float = 1.0):
@@ -37,7 +41,7 @@ class LinearGaussian(nn.Module):
         self.W = nn.Parameter(W, requires_grad=False)
         self.b = nn.Parameter(b.double(), requires_grad=False)
         self.sigma = sigma
-        d = W.shape[1]
+        d = self.latent_dim = W.shape[1]
         post_cov = torch.linalg.inv(torch.eye(d, dtype=torch.float64) + W.T @ W / sigma**2)
         self.register_buffer("gain", post_cov @ W.T / sigma**2)  # mean = gain (x - b)
         self.register_buffer("logvar", torch.log(post_cov.diagonal() * inflate))
@@ -192,3 +196,120 @@ def test_active_units_counts_units_whose_mean_moves_with_x():
 def test_bits_per_dim_converts_nats_per_image():
     assert bits_per_dim(784 * math.log(2.0)) == pytest.approx(1.0)
     assert elbo_summary(_vae(), _binary_images(10, 0)).bits_per_dim > 0
+
+
+# --------------------------------------------------------------------------- the CPU fast path
+
+BURDA_ONE_LAYER = VAEConfig(hidden_sizes=(200, 200), latent_dim=50, activation="tanh")
+BURDA_TWO_LAYER = VAEConfig(
+    architecture="mlp2",
+    hidden_sizes=(200, 200),
+    latent_dim=100,
+    activation="tanh",
+    top_hidden_sizes=(100, 100),
+    top_latent_dim=50,
+)
+
+
+def _float64_iwae(model: nn.Module, x: torch.Tensor, k: int, seed: int) -> np.ndarray:
+    """The same estimator with the same noise, every step in float64: the generic path on a
+    float64 copy of the model whose Bernoulli log-probability is summed in float64 too."""
+    m = copy.deepcopy(model).double()
+
+    def log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        bce = F.binary_cross_entropy_with_logits(logits.double(), x.double(), reduction="none")
+        return -bce.flatten(1).sum(1)
+
+    m.log_likelihood = log_likelihood
+    return iwae_log_likelihood(m, x.double(), k, seed=seed, fast=False)
+
+
+def _scaled_head(model: nn.Module, scale: float) -> nn.Module:
+    """Multiply the last layer of p(x|z) by `scale`: logits of +-10..40, as a trained decoder
+    gives on MNIST's background, where log p(x|z) is a difference of large sums."""
+    last = model.p_x[-1] if hasattr(model, "p_x") else model.decoder.net[-1]
+    with torch.no_grad():
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
+    return model
+
+
+@pytest.mark.parametrize(
+    "config",
+    [VAEConfig(), BURDA_ONE_LAYER, BURDA_TWO_LAYER],
+    ids=["mlp_784_400_20", "burda_one_layer", "burda_two_layer"],
+)
+def test_fast_path_equals_the_generic_path_per_example(config):
+    model, x = build_vae(config, seed=0).eval(), _binary_images(12, seed=3)
+    assert model.iwae_scorer(64) is not None  # these models take the fast path on the CPU
+    fast = iwae_log_likelihood(model, x, 40, seed=1)
+    generic = iwae_log_likelihood(model, x, 40, seed=1, fast=False)
+    exact = _float64_iwae(model, x, 40, seed=1)
+    # The generic path sums 784 float32 terms per sample; the fast path's sums are float64.
+    np.testing.assert_allclose(fast, generic, rtol=0, atol=2e-4)
+    np.testing.assert_allclose(fast, exact, rtol=0, atol=1e-4)
+    assert np.abs(fast - exact).max() <= np.abs(generic - exact).max() + 2e-5
+
+
+@pytest.mark.parametrize("config", [VAEConfig(), BURDA_ONE_LAYER, BURDA_TWO_LAYER])
+def test_fast_path_is_exact_with_the_large_logits_of_a_trained_decoder(config):
+    model, x = _scaled_head(build_vae(config, seed=0).eval(), 30.0), _binary_images(8, seed=4)
+    fast = iwae_log_likelihood(model, x, 30, seed=2)
+    exact = _float64_iwae(model, x, 30, seed=2)
+    assert fast.mean() < -1000  # the regime where x . l and sum |l| nearly cancel
+    # Far below the 0.01 nats that would matter; the error left is the float32 matrix products'.
+    np.testing.assert_allclose(fast, exact, rtol=0, atol=1e-3)
+
+
+def test_fast_path_does_not_depend_on_batching_chunking_threads_or_subset():
+    model, x = build_vae(VAEConfig(), seed=0).eval(), _binary_images(23, seed=5)
+    whole = iwae_log_likelihood(model, x, 70, seed=7)
+    for batch_size, max_rows in [(4, 24), (1, 1000), (23, 70 * 23), (5, 7)]:
+        chunked = iwae_log_likelihood(
+            model, x, 70, seed=7, batch_size=batch_size, max_rows=max_rows
+        )
+        np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = iwae_log_likelihood(model, x, 70, seed=7)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads  # the workers' setting does not leak
+    np.testing.assert_allclose(one_thread, whole, rtol=0, atol=1e-6)
+    result = iwae_nll(model, x, 70, test_size=9, seed=7)
+    np.testing.assert_allclose(result.nll, -whole[result.indices], rtol=0, atol=1e-6)
+
+
+def test_fast_path_on_grey_levels_and_flat_images():
+    # Bernoulli on grey levels is the summed binary cross-entropy: same formula, x in [0, 1].
+    model = build_vae(BURDA_ONE_LAYER, seed=1).eval()
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    fast = iwae_log_likelihood(model, x, 25, seed=0)
+    np.testing.assert_allclose(fast, _float64_iwae(model, x, 25, seed=0), rtol=0, atol=1e-4)
+    flat = iwae_log_likelihood(model, x.flatten(1), 25, seed=0)
+    np.testing.assert_allclose(flat, fast, rtol=0, atol=1e-6)
+
+
+def test_models_without_a_fast_path_keep_the_generic_one():
+    assert build_vae(VAEConfig(architecture="conv"), seed=0).iwae_scorer(64) is None
+    cb = VAEConfig(likelihood="continuous_bernoulli")
+    assert build_vae(cb, seed=0).iwae_scorer(64) is None
+    assert build_vae(VAEConfig(), seed=0).double().iwae_scorer(64) is None
+    gauss = LinearGaussian(torch.eye(3)[:, :2], torch.zeros(3), 0.5)
+    assert gauss.iwae_scorer(64) is None  # the exact tests above ran the generic path
+
+
+def test_tanh_folded_into_sigmoids_is_the_same_network():
+    from vae_core.models.likelihoods import Scratch
+    from vae_core.models.vae import FoldedMLP
+
+    torch.manual_seed(0)
+    net = build_vae(BURDA_TWO_LAYER, seed=0).p_z1  # Linear, tanh, Linear, tanh, Linear
+    folded = FoldedMLP.from_module(net)
+    u = torch.randn(50, 50)
+    with torch.inference_mode():
+        mu, logvar = net(u)
+        out = folded(u, Scratch(50), "t")
+    torch.testing.assert_close(out, torch.cat([mu, logvar], 1), rtol=0, atol=1e-5)
+    assert FoldedMLP.from_module(nn.Sequential(nn.Linear(3, 3), nn.GELU(), nn.Linear(3, 3))) is None

@@ -98,6 +98,11 @@ def test_evaluate_model_writes_labelled_metrics_nll_and_pngs(tmp_path):
     assert metrics["test_neg_elbo"] == pytest.approx(metrics["test_recon"] + metrics["test_kl"])
     assert metrics["iwae_k"] == 20 and metrics["iwae_test_size"] == 15
     assert metrics["iwae_num_examples"] == 15 and metrics["sq_num_samples"] == 30
+    # KID's settings as computed: 30 samples against 30 test images, 50 subsets of 15.
+    assert (metrics["sq_kid_subsets"], metrics["sq_kid_subset_size"]) == (50, 15)
+    assert metrics["sq_kid_std"] > 0 and metrics["sq_ref_kid_std"] > 0
+    assert "50 subset(s) of 15 features" in metrics["sq_kid_estimator"]
+    assert "seed 3" in metrics["sq_kid_estimator"]
     assert metrics["data_variant"] == "binarized"
     assert metrics["likelihood_kind"] == "discrete_nll_binarized"
     assert "k=20" in metrics["test_nll_iwae_estimator"]

@@ -19,6 +19,7 @@ from vae_core.evaluation.sample_quality import (
     frechet_distance,
     inception_score,
     kernel_inception_distance,
+    kid_subset_plan,
     label_histogram,
     precision_recall,
     quality_metrics,
@@ -81,6 +82,48 @@ def test_kid_agrees_with_torchmetrics_on_whole_sets_and_on_seeded_subsets():
     mean, std = kernel_inception_distance(real, fake, subsets=7, subset_size=50, seed=11)
     assert mean == pytest.approx(float(expected_mean), rel=1e-9)
     assert std == pytest.approx(float(expected_std), rel=1e-9)
+
+
+def _torchmetrics_kid(real, fake, subsets, subset_size, seed):
+    metric = KernelInceptionDistance(
+        feature=Identity(real.shape[1]), subsets=subsets, subset_size=subset_size
+    )
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    torch.manual_seed(seed)
+    mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def test_kid_at_the_defaults_uses_several_subsets_and_reports_a_real_std():
+    """1,000 samples against 1,000 at the defaults (50 subsets of 1,000): the subsets used to
+    collapse into one, the std was 0. Now 50 seeded subsets of 500, as torchmetrics draws."""
+    real, fake = _features(1000, 12, 8), _features(1000, 12, 9, 0.2, 1.2)
+    assert kid_subset_plan(1000, 1000, 50, 1000) == (50, 500)
+    mean, std = kernel_inception_distance(real, fake, seed=3)
+    assert std > 0.01 * abs(mean) and mean > 0
+    expected_mean, expected_std = _torchmetrics_kid(real, fake, 50, 500, seed=3)
+    assert mean == pytest.approx(expected_mean, rel=1e-9)
+    assert std == pytest.approx(expected_std, rel=1e-9)
+    # Deterministic in its seed: the same seed the same figures, another seed other subsets.
+    assert kernel_inception_distance(real, fake, seed=3) == (mean, std)
+    other_mean, other_std = kernel_inception_distance(real, fake, seed=4)
+    assert (other_mean, other_std) != (mean, std)
+    # Another candidate set: other figures, and again a spread over the subsets.
+    mean2, std2 = kernel_inception_distance(real, _features(1000, 12, 10, 0.2, 1.2), seed=3)
+    assert std2 > 0.01 * abs(mean2) and mean2 != mean
+
+
+def test_kid_subset_plan_and_its_limits():
+    assert kid_subset_plan(1000, 1000, 1, 1000) == (1, 1000)  # one subset: the whole sets
+    assert kid_subset_plan(1000, 600, 10, 1000) == (10, 300)  # half the smaller set
+    assert kid_subset_plan(5000, 5000, 100, 1000) == (100, 1000)  # asked size fits
+    real, fake = _features(3, 4, 11), _features(3, 4, 12)
+    with pytest.raises(ValueError, match="expected subsets of >= 2 features, found 1"):
+        kernel_inception_distance(real, fake, subsets=5, subset_size=3)
+    assert kernel_inception_distance(real, fake, subsets=1, subset_size=3)[1] == 0.0
+    with pytest.raises(ValueError, match="subsets >= 1"):
+        kid_subset_plan(10, 10, 0, 5)
 
 
 def _kth_radius(x: np.ndarray, k: int) -> np.ndarray:
@@ -183,7 +226,9 @@ def test_briefly_trained_vae_lands_between_real_digits_and_noise(embedded, class
 
     torch.manual_seed(0)
     trainer = Trainer(
-        VAE(VAEConfig()), TrainConfig(epochs=3, lr=3e-3, patience=0, device="cpu"), progress=False
+        VAE(VAEConfig()),
+        TrainConfig(epochs=3, lr=3e-3, lr_schedule="constant", patience=0, device="cpu"),
+        progress=False,
     )
     trainer.fit(embedded.train_images, embedded.val_images)
     samples = trainer.model.sample(1000, generator=torch.Generator().manual_seed(1))
@@ -198,6 +243,10 @@ def test_briefly_trained_vae_lands_between_real_digits_and_noise(embedded, class
         ].items()
     }
     assert report["sq_num_samples"] == 1000 and report["sq_num_reference"] == 1000
+    # KID over the default 50 subsets, half the sets each: a real spread, and logged as used.
+    assert (report["sq_kid_subsets"], report["sq_kid_subset_size"]) == (50, 500)
+    assert report["sq_kid_std"] > 0 and report["sq_ref_kid_std"] > 0
+    assert "50 subset(s) of 500 features" in report["sq_kid_estimator"]
     assert report["sq_ref_fd"] < report["sq_fd"] < noise_row["sq_fd"]
     assert report["sq_ref_kid"] < report["sq_kid"]  # KID against noise: see the test above
     for key in ("recall", "coverage", "inception_score"):

@@ -202,8 +202,8 @@ def test_trainer_float_view_and_dynamic_binarization() -> None:
         model = build_vae(VAEConfig(hidden_sizes=[8], latent_dim=2))
         trainer = Trainer(model, config, progress=False)
         loss_fn = trainer.loss_fn
-        trainer.loss_fn = lambda model, xb, beta, gen: (
-            seen.append(xb) or loss_fn(model, xb, beta, gen)
+        trainer.loss_fn = lambda model, xb, eps, beta, objective: (
+            seen.append(xb) or loss_fn(model, xb, eps, beta, objective)
         )
         trainer.fit(images[:1], images[:1])
         return seen

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vae_core.models import VAEConfig, build_vae
+from vae_core.objectives import iwae_bound
 from vae_core.training import NonFiniteLossError, TrainConfig, Trainer, load_checkpoint
 
 SMALL = VAEConfig(hidden_sizes=[64], latent_dim=4)
@@ -70,19 +71,86 @@ def test_non_finite_loss_stops_before_the_step(tmp_path):
     assert not (tmp_path / "last.pt").exists()
 
 
-def test_early_stopping_on_a_flat_validation_loss(tmp_path):
-    # lr tiny: the validation loss barely moves, so patience=1 stops after two epochs at most
-    # of no improvement; with a vanishing lr the loss can still creep down, so allow that.
-    trainer = Trainer(build_vae(SMALL), _config(epochs=20, lr=1e-9, patience=1), progress=False)
-    result = trainer.fit(_images(64, 0), _images(32, 1), tmp_path)
-    assert result.stopped_early and result.epochs_completed < 20
+def test_early_stopping_stops_when_validation_worsens_and_keeps_the_best_epoch(tmp_path):
+    # Sixteen training images and a large lr: the model overfits, the validation -ELBO turns
+    # up, and training stops `patience` epochs after its best epoch, whose weights it keeps.
+    cfg = _config(epochs=200, lr=3e-3, batch_size=16, patience=3)
+    trainer = Trainer(
+        build_vae(VAEConfig(hidden_sizes=[256], latent_dim=8), seed=0), cfg, progress=False
+    )
+    result = trainer.fit(_images(16, 0), _images(64, 1), tmp_path)
+    val = [m["val_neg_elbo"] for m in result.history]
+    assert result.stopped_early and result.epochs_completed < 200
+    assert result.best_epoch == result.epochs_completed - 3
+    assert min(val) == val[result.best_epoch - 1] == result.best_val_neg_elbo
+    assert all(v > result.best_val_neg_elbo for v in val[result.best_epoch :])  # it did worsen
+
+
+def test_a_non_finite_validation_loss_stops_training_before_saving_that_epoch(tmp_path):
+    val = _images(16, 1).float() / 255.0
+    val[0, 0, 0] = float("nan")  # no finite -ELBO can come out of this validation set
+    trainer = Trainer(build_vae(SMALL, seed=0), _config(data_variant="continuous"), progress=False)
+    with pytest.raises(NonFiniteLossError, match="validation -ELBO became nan after epoch 1"):
+        trainer.fit(_images(64, 0), val, tmp_path)
+    assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()
+
+
+def test_the_learning_rate_follows_the_schedule(tmp_path):
+    cfg = _config(epochs=4, lr=1e-3, lr_schedule="exponential", lr_final=0.1)
+    trainer = Trainer(build_vae(SMALL, seed=0), cfg, progress=False)
+    result = trainer.fit(_images(64, 0), _images(16, 1), tmp_path)
+    assert [m["lr"] for m in result.history] == pytest.approx(
+        [1e-3 * 0.1 ** (e / 3) for e in range(4)]
+    )
+
+
+def test_a_time_budget_stops_after_the_epoch_that_passes_it(tmp_path):
+    cfg = _config(epochs=5, max_minutes=1e-9)  # any epoch takes longer than this
+    result = Trainer(build_vae(SMALL, seed=0), cfg, progress=False).fit(
+        _images(64, 0), _images(16, 1), tmp_path
+    )
+    assert result.stopped_by_time and not result.stopped_early and result.epochs_completed == 1
+
+
+@pytest.mark.parametrize(
+    "model_config",
+    [
+        SMALL,
+        VAEConfig(
+            architecture="mlp2",
+            hidden_sizes=[64],
+            latent_dim=8,
+            activation="tanh",
+            top_hidden_sizes=[32],
+            top_latent_dim=4,
+        ),
+    ],
+    ids=["one-layer", "two-layer"],
+)
+def test_the_iwae_objective_trains_and_its_bound_beats_the_elbo(tmp_path, model_config):
+    cfg = _config(epochs=3, objective="iwae", iwae_k=5)
+    trainer = Trainer(build_vae(model_config, seed=0), cfg, progress=False)
+    result = trainer.fit(_images(256, 0), _images(64, 1), tmp_path)
+    assert result.history[-1]["val_neg_elbo"] < result.history[0]["val_neg_elbo"]
+    # The k=5 bound on the training data is tighter than the one-sample ELBO on the same data.
+    x = torch.bernoulli(
+        _images(256, 0).float().div(255).unsqueeze(1), generator=torch.Generator().manual_seed(0)
+    )
+    model = trainer.model
+    with torch.no_grad():
+        eps = torch.randn(256, 5, model.noise_dim, generator=torch.Generator().manual_seed(1))
+        iwae = iwae_bound(model, x, eps).mean()
+        elbo = model.elbo_terms(x, eps[:, 0]).elbo.mean()
+    assert iwae > elbo
 
 
 def test_binarized_variant_feeds_binary_pixels(tmp_path):
     batches = []
     trainer = Trainer(build_vae(SMALL), _config(epochs=1, data_variant="binarized"), progress=False)
     original = trainer.loss_fn
-    trainer.loss_fn = lambda model, x, beta, gen: batches.append(x) or original(model, x, beta, gen)
+    trainer.loss_fn = lambda model, x, eps, beta, objective: (
+        batches.append(x) or original(model, x, eps, beta, objective)
+    )
     grey = torch.full((64, 28, 28), 128, dtype=torch.uint8)
     trainer.fit(grey, grey[:8], tmp_path)
     pixels = torch.cat(batches)
@@ -155,7 +223,7 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
     first.fit(_images(128, 0), _images(32, 1), tmp_path)
     other_lr = Trainer(build_vae(SMALL, seed=0), _config(epochs=2, lr=3e-3), progress=False)
     with pytest.raises(
-        CheckpointMismatchError, match=r"last.pt: .*train.lr: checkpoint 0.001, now 0.003"
+        CheckpointMismatchError, match=r"last.pt: .*train.lr: checkpoint 0.002, now 0.003"
     ):
         other_lr.fit(_images(128, 0), _images(32, 1), tmp_path)
     # More epochs (and a new patience) is what resuming is for: allowed.

@@ -73,6 +73,25 @@ def _polynomial_mmd2(
     return float((off_xx + off_yy) / (m * (m - 1)) - 2 * k_xy.sum() / (m * m))
 
 
+def kid_subset_plan(n_a: int, n_b: int, subsets: int, subset_size: int) -> tuple[int, int]:
+    """How many subsets KID draws, and of what size, for sets of n_a and n_b features.
+
+    One subset may take the whole of the smaller set (its std is then 0: there is one value).
+    Several subsets take at most half of the smaller set each, so that they differ and their
+    spread is a real standard deviation: subsets as large as the sets (the old behaviour at
+    the defaults, 1,000 of 1,000 samples) are all the same subset up to order.
+    """
+    subsets, subset_size, smaller = int(subsets), int(subset_size), min(int(n_a), int(n_b))
+    if subsets < 1 or subset_size < 2:
+        raise ValueError(
+            f"kernel_inception_distance: expected subsets >= 1 and subset_size >= 2, found "
+            f"{subsets} and {subset_size}"
+        )
+    if subsets == 1:
+        return 1, min(subset_size, smaller)
+    return subsets, min(subset_size, smaller // 2)
+
+
 def kernel_inception_distance(
     features_a: torch.Tensor,
     features_b: torch.Tensor,
@@ -86,15 +105,21 @@ def kernel_inception_distance(
     """Mean and standard deviation over subsets of the unbiased MMD^2 with a polynomial kernel.
 
     Unlike FD it is unbiased in the number of samples, so it compares across sample sizes.
-    When one subset already holds every feature of both sets, one subset is computed.
+    As in Binkowski et al. and torchmetrics, each subset draws subset_size features of each
+    set without replacement, and the subsets are drawn independently of each other (with
+    replacement across subsets), from one generator seeded with `seed`: the same seed gives
+    the same figures, and the same ones as torchmetrics' KID after ``torch.manual_seed(seed)``.
+    Subset count and size follow `kid_subset_plan` (at most half of the smaller set each
+    when there are several).
     """
     a, b = features_a.double(), features_b.double()
-    size = min(subset_size, len(a), len(b))
+    subsets, size = kid_subset_plan(len(a), len(b), subsets, subset_size)
     if size < 2:
-        raise ValueError(f"kernel_inception_distance: expected subsets of >= 2, found {size}")
+        raise ValueError(
+            f"kernel_inception_distance: expected subsets of >= 2 features, found {size} "
+            f"({subsets} subset(s) of sets of {len(a)} and {len(b)} features)"
+        )
     gamma = 1.0 / a.shape[1] if gamma is None else gamma
-    if size == len(a) == len(b):
-        subsets = 1
     gen = torch.Generator().manual_seed(int(seed))
     scores = []
     for _ in range(subsets):
@@ -283,6 +308,8 @@ def sample_quality_report(
     ref_row = quality_metrics(
         feats["train"], probs["train"], feats["reference"], probs["reference"], **options
     )
+    # Both rows compare n features with n_ref: one plan, the one the figures were computed with.
+    kid_plan = kid_subset_plan(n, n_ref, kid_subsets, kid_subset_size)
     report: dict[str, float | int | str] = {f"sq_{k}": v for k, v in gen_row.items()}
     report.update({f"sq_ref_{k}": v for k, v in ref_row.items()})
     report.update(
@@ -292,8 +319,11 @@ def sample_quality_report(
             "sq_feature_space": FEATURE_SPACE,
             "sq_rows": "sq_*: generated samples vs test images; sq_ref_*: training images vs test "
             "images (the real-versus-real reference), at the same sample sizes",
-            "sq_kid_subsets": 1 if min(n, kid_subset_size) == n_ref == n else kid_subsets,
-            "sq_kid_subset_size": min(kid_subset_size, n, n_ref),
+            "sq_kid_subsets": kid_plan[0],
+            "sq_kid_subset_size": kid_plan[1],
+            "sq_kid_estimator": f"KID: mean and std over {kid_plan[0]} subset(s) of "
+            f"{kid_plan[1]} features of each set (without replacement within a subset, drawn "
+            f"independently across subsets, seed {seed}); unbiased MMD^2, kernel (x.y/d + 1)^3",
             "sq_precision_recall_k": pr_k,
             "sq_density_coverage_k": dc_k,
         }

@@ -1,6 +1,8 @@
-"""Encoder and decoder networks: the design document's MLP and a small convolutional variant.
+"""Encoder and decoder networks: MLPs (the design document's, Burda's) and a small conv variant.
 
 Encoders map images (B, 1, 28, 28) to (mu, logvar); decoders map z to logits (B, 1, 28, 28).
+The MLPs take their hidden activation by name: ReLU for the design document's 784-400-20,
+tanh for Burda et al.'s networks.
 """
 
 from __future__ import annotations
@@ -8,40 +10,50 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vae_core.config import ARCHITECTURES
-
 IMAGE_SHAPE = (1, 28, 28)
 IMAGE_PIXELS = 28 * 28
+ACTIVATION_LAYERS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
-def _mlp(sizes: list[int]) -> nn.Sequential:
+def mlp(sizes: list[int], activation: str = "relu") -> nn.Sequential:
+    """Linear layers between consecutive sizes with the activation between them."""
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(ACTIVATION_LAYERS[activation]())
     return nn.Sequential(*layers)
 
 
-class MLPEncoder(nn.Module):
-    """784 -> hidden... -> (mu, logvar); with hidden=[400], latent=20 this is the design's MLP."""
+class GaussianMLP(nn.Module):
+    """in -> hidden... -> (mu, logvar) of a diagonal Gaussian over `out_dim` units."""
 
-    def __init__(self, hidden_sizes: list[int], latent_dim: int):
+    def __init__(self, in_dim: int, hidden_sizes: list[int], out_dim: int, activation: str):
         super().__init__()
-        self.body = nn.Sequential(_mlp([IMAGE_PIXELS, *hidden_sizes]), nn.ReLU())
-        self.head = nn.Linear(hidden_sizes[-1], 2 * latent_dim)
+        # (Nested as in the first release, so saved weights keep their names.)
+        self.body = nn.Sequential(
+            mlp([in_dim, *hidden_sizes], activation), ACTIVATION_LAYERS[activation]()
+        )
+        self.head = nn.Linear(hidden_sizes[-1], 2 * out_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.head(self.body(x.flatten(1))).chunk(2, dim=1)
+        mu, logvar = self.head(self.body(x.flatten(1))).chunk(2, dim=-1)
         return mu, logvar
+
+
+class MLPEncoder(GaussianMLP):
+    """784 -> hidden... -> (mu, logvar); with hidden=[400], latent=20 this is the design's MLP."""
+
+    def __init__(self, hidden_sizes: list[int], latent_dim: int, activation: str = "relu"):
+        super().__init__(IMAGE_PIXELS, hidden_sizes, latent_dim, activation)
 
 
 class MLPDecoder(nn.Module):
     """z -> hidden (reversed)... -> 784 logits."""
 
-    def __init__(self, hidden_sizes: list[int], latent_dim: int):
+    def __init__(self, hidden_sizes: list[int], latent_dim: int, activation: str = "relu"):
         super().__init__()
-        self.net = _mlp([latent_dim, *reversed(hidden_sizes), IMAGE_PIXELS])
+        self.net = mlp([latent_dim, *reversed(hidden_sizes), IMAGE_PIXELS], activation)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).view(-1, *IMAGE_SHAPE)
@@ -50,16 +62,17 @@ class MLPDecoder(nn.Module):
 class ConvEncoder(nn.Module):
     """Two stride-2 convolutions (28 -> 14 -> 7), then a dense layer to (mu, logvar)."""
 
-    def __init__(self, hidden_sizes: list[int], latent_dim: int):
+    def __init__(self, hidden_sizes: list[int], latent_dim: int, activation: str = "relu"):
         super().__init__()
+        act = ACTIVATION_LAYERS[activation]
         self.body = nn.Sequential(
             nn.Conv2d(1, 32, 4, stride=2, padding=1),
-            nn.ReLU(),
+            act(),
             nn.Conv2d(32, 64, 4, stride=2, padding=1),
-            nn.ReLU(),
+            act(),
             nn.Flatten(),
             nn.Linear(64 * 7 * 7, hidden_sizes[-1]),
-            nn.ReLU(),
+            act(),
         )
         self.head = nn.Linear(hidden_sizes[-1], 2 * latent_dim)
 
@@ -71,16 +84,17 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """The mirror of ConvEncoder with transposed convolutions (7 -> 14 -> 28)."""
 
-    def __init__(self, hidden_sizes: list[int], latent_dim: int):
+    def __init__(self, hidden_sizes: list[int], latent_dim: int, activation: str = "relu"):
         super().__init__()
+        act = ACTIVATION_LAYERS[activation]
         self.net = nn.Sequential(
             nn.Linear(latent_dim, hidden_sizes[-1]),
-            nn.ReLU(),
+            act(),
             nn.Linear(hidden_sizes[-1], 64 * 7 * 7),
-            nn.ReLU(),
+            act(),
             nn.Unflatten(1, (64, 7, 7)),
             nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1),
-            nn.ReLU(),
+            act(),
             nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),
         )
 
@@ -88,5 +102,5 @@ class ConvDecoder(nn.Module):
         return self.net(z)
 
 
+#: The one-stochastic-layer networks; "mlp2" (two stochastic layers) is TwoLayerVAE's own.
 NETWORKS = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
-assert tuple(NETWORKS) == ARCHITECTURES, "vae_core.config.ARCHITECTURES names the implemented ones"

@@ -17,7 +17,8 @@ import torch
 
 from vae_core.atomic import atomic_torch_save, atomic_write_text
 from vae_core.errors import VaeError
-from vae_core.models.vae import VAE, build_vae
+from vae_core.models.factory import build_vae
+from vae_core.models.vae import VAE
 
 CHECKPOINT_NAME = "last.pt"
 BEST_WEIGHTS_NAME = "best.pt"

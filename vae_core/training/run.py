@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from vae_core.config import TrainConfig, VAEConfig
-from vae_core.models.vae import VAE, build_vae
+from vae_core.models.factory import build_vae
+from vae_core.models.vae import VAE
 from vae_core.training.checkpoint import save_model
 from vae_core.training.trainer import EpochCallback, Trainer, to_unit_float
 
@@ -75,6 +76,7 @@ def run_training(
         "best_epoch": result.best_epoch,
         "epochs": result.epochs_completed,
         "stopped_early": result.stopped_early,
+        "stopped_by_time": result.stopped_by_time,
         "resumed_from_epoch": result.resumed_from_epoch,
         "train_samples_per_second": result.train_samples_per_second,
         "device": result.device,

@@ -19,7 +19,7 @@ from vae_core.atomic import atomic_torch_save
 from vae_core.config import TrainConfig
 from vae_core.errors import VaeError
 from vae_core.models.vae import VAE
-from vae_core.objectives import beta_at, dataset_elbo, training_loss
+from vae_core.objectives import beta_at, dataset_elbo, draw_noise, training_loss
 from vae_core.training.checkpoint import (
     BEST_WEIGHTS_NAME,
     CHECKPOINT_NAME,
@@ -27,6 +27,7 @@ from vae_core.training.checkpoint import (
 )
 from vae_core.training.device import pick_device
 from vae_core.training.progress import ProgressBar
+from vae_core.training.schedule import lr_at
 
 EpochCallback = Callable[[dict], None]
 #: Images per forward pass when scoring a whole split (no gradients, so large is fine).
@@ -34,7 +35,7 @@ EVAL_BATCH_SIZE = 10_000
 
 
 #: Settings that may differ between a checkpoint and the run that resumes it.
-RESUME_MAY_CHANGE = ("epochs", "patience", "device", "compile")
+RESUME_MAY_CHANGE = ("epochs", "patience", "max_minutes", "device", "compile")
 
 
 class CheckpointMismatchError(VaeError, ValueError):
@@ -51,7 +52,8 @@ class TrainResult:
     best_epoch: int = 0
     best_val_neg_elbo: float = math.inf
     epochs_completed: int = 0
-    stopped_early: bool = False
+    stopped_early: bool = False  # by early stopping on the validation split
+    stopped_by_time: bool = False  # by train.max_minutes
     resumed_from_epoch: int = 0
     train_samples_per_second: float = 0.0
     device: str = "cpu"
@@ -84,6 +86,7 @@ class Trainer:
         # Explicit generators make shuffling, binarization and eps resumable exactly.
         self.shuffle_gen = torch.Generator().manual_seed(config.seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        # The noise is drawn outside the loss, so the compiled graph has no seeded randn in it.
         self.loss_fn = torch.compile(training_loss) if config.compile else training_loss
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -189,9 +192,15 @@ class Trainer:
 
             val = dataset_elbo(self.model, val_x, EVAL_BATCH_SIZE, self._eval_generator())
             val_neg_elbo = float(-val.elbo.mean())
+            if not math.isfinite(val_neg_elbo):
+                raise NonFiniteLossError(
+                    f"validation -ELBO became {val_neg_elbo} after epoch {epoch + 1}; stopped "
+                    "before saving that epoch (try a lower train.lr)"
+                )
             metrics = {
                 "epoch": epoch + 1,
                 "beta": beta,
+                "lr": self.optimizer.param_groups[0]["lr"],
                 "train_loss": train_loss,
                 "train_neg_elbo": train_neg_elbo,
                 "val_neg_elbo": val_neg_elbo,
@@ -213,6 +222,9 @@ class Trainer:
                 atomic_torch_save(self._state(epoch + 1, result, since_best), ckpt_path)
             for callback in callbacks:
                 callback(metrics)
+            if cfg.max_minutes and train_seconds >= 60.0 * cfg.max_minutes:
+                result.stopped_by_time = epoch + 1 < cfg.epochs
+                break
 
         result.epochs_completed = len(result.history)
         if cfg.patience and since_best >= cfg.patience and result.epochs_completed < cfg.epochs:
@@ -224,6 +236,8 @@ class Trainer:
     def train_epoch(self, train_x: torch.Tensor, epoch: int, beta: float) -> tuple[float, float]:
         cfg = self.config
         self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(epoch, cfg)
         n = len(train_x)
         order = torch.randperm(n, generator=self.shuffle_gen).to(self.device)
         if cfg.data_variant == "binarized":
@@ -237,8 +251,9 @@ class Trainer:
         neg_elbo_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for step in range(steps):
             x = epoch_x[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+            eps = self._noise(len(x))
             with self._autocast():
-                loss, terms = self.loss_fn(self.model, x, beta, self.noise_gen)
+                loss, bound = self.loss_fn(self.model, x, eps, beta, cfg.objective)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
@@ -248,11 +263,17 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             loss_sum += loss.detach() * len(x)
-            neg_elbo_sum += -terms.elbo.detach().sum()
+            neg_elbo_sum += -bound.sum()
             bar.update(step + 1)
         train_loss = float(loss_sum) / n
         bar.close(f"loss {train_loss:.2f}")
         return train_loss, float(neg_elbo_sum) / n
+
+    def _noise(self, batch: int) -> torch.Tensor:
+        """eps for one step: (B, noise_dim) for the ELBO, (B, k, noise_dim) for the IWAE bound."""
+        if self.config.objective == "iwae":
+            return draw_noise(self.model, batch, self.config.iwae_k, self.device, self.noise_gen)
+        return draw_noise(self.model, batch, 1, self.device, self.noise_gen).squeeze(1)
 
     def _fixed_validation_set(self, val_images: torch.Tensor) -> torch.Tensor:
         val_x = to_unit_float(val_images).to(self.device)

@@ -1,0 +1,667 @@
+"""`vae-pipeline reproduce`: rows of Burda et al. (2015), Table 1, within a wall-time budget.
+
+Dynamically binarized MNIST, test NLL by the IWAE estimator with k=5000 on all 10,000 test
+images, as in the paper. The budget covers the whole command, so each row's cost is measured
+first (a short training probe and a k=5000 evaluation of a few dozen test images), then a pure
+planner (`plan_rows`) decides which rows fit and how many epochs each gets. Each row that runs
+is one MLflow run; the result is a Markdown table beside the paper's figures.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vae_core.config import TrainConfig, VAEConfig
+from vae_core.errors import VaeError
+
+if TYPE_CHECKING:
+    import torch
+    from mlflow import MlflowClient
+    from torch import nn
+
+    from vae_core.data.splits import DatasetSplits
+
+EXPERIMENT = "reproduce"  # MLflow experiment vae-reproduce (the pipeline's vae-<name> scheme)
+TEST_K = 5000  # Burda et al.'s estimator: IWAE with k=5000 ...
+TEST_SIZE = 0  # ... on every test image (0 = all)
+VAL_SIZE = 1000  # carved from the 60,000 training images, for early stopping only
+SEED = 0  # split, binarization, weights, noise and evaluation: one seed for every row
+# Burda used 20; 100 divides the 59,000 training images evenly and gives several times more
+# images per second on a CPU or GPU, which is what a time budget buys epochs with.
+BATCH_SIZE = 100
+LR, LR_FINAL = 1e-3, 0.1  # exponential: 1e-3 -> 1e-4, the span of Burda's schedule
+MIN_EPOCHS = 3  # a row that cannot get this many epochs is not worth its evaluation
+ROW_OVERHEAD_S = 5.0  # building, saving, active units and MLflow logging of one row
+SAFETY = 0.05  # share of the time left kept back for what the estimates miss
+NOT_RUN = "not run (budget)"
+# vae_core.training.schedule.BURDA_EPOCHS (a test checks they agree): importing it here would
+# import torch, and the command line reads ROWS while it builds its parser.
+BURDA_EPOCHS = 3280
+
+
+class ReproduceError(VaeError, ValueError):
+    """A bad argument of `vae-pipeline reproduce`: an unknown row, a missing MNIST folder."""
+
+
+# --------------------------------------------------------------------------- rows
+
+_BURDA1 = VAEConfig(hidden_sizes=(200, 200), latent_dim=50, activation="tanh")
+_BURDA2 = VAEConfig(
+    architecture="mlp2",
+    hidden_sizes=(200, 200),
+    latent_dim=100,
+    activation="tanh",
+    top_hidden_sizes=(100, 100),
+    top_latent_dim=50,
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: a model, an objective, and the paper's figure (None: no figure)."""
+
+    name: str
+    model: VAEConfig
+    objective: str = "elbo"
+    iwae_k: int = 1
+    burda_nll: float | None = None
+
+    @property
+    def objective_label(self) -> str:
+        return f"IWAE k={self.iwae_k}" if self.objective == "iwae" else "ELBO"
+
+    @property
+    def model_label(self) -> str:
+        m = self.model
+        sizes = [784, *m.hidden_sizes, m.latent_dim]
+        if m.architecture == "mlp2":
+            sizes += [*m.top_hidden_sizes, m.top_latent_dim]
+            return f"{'-'.join(map(str, sizes))} {m.activation} (2 stoch.)"
+        return f"{'-'.join(map(str, sizes))} {m.activation}"
+
+
+#: In priority order: the design document's model first, then the ELBO baselines, then IWAE.
+ROWS: tuple[Row, ...] = (
+    Row("seed_mlp", VAEConfig()),
+    Row("burda1_vae", _BURDA1, burda_nll=86.76),
+    Row("burda2_vae", _BURDA2, burda_nll=85.33),
+    Row("burda1_iwae5", _BURDA1, "iwae", 5, 85.54),
+    Row("burda2_iwae5", _BURDA2, "iwae", 5, 83.89),
+    Row("burda1_iwae50", _BURDA1, "iwae", 50, 84.78),
+    Row("burda2_iwae50", _BURDA2, "iwae", 50, 82.90),
+)
+
+
+def select_rows(names: str | None) -> tuple[Row, ...]:
+    """The rows a comma-separated --rows names, in its order (its priority); None: all."""
+    if not names:
+        return ROWS
+    known = {row.name: row for row in ROWS}
+    wanted = list(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise ReproduceError(
+            f"--rows {names!r}: unknown row {', '.join(unknown) or '(none given)'}: expected "
+            f"names from {', '.join(known)}"
+        )
+    return tuple(known[n] for n in wanted)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class RowCost:
+    """Measured estimates: one epoch on the full training set (with its validation and
+    checkpoints), and the test NLL."""
+
+    name: str
+    epoch_s: float
+    eval_s: float
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    name: str
+    epochs: int  # 0: not run
+    lr_schedule: str = "exponential"
+    max_minutes: float = 0.0  # the hard stop handed to the trainer
+    reserved_s: float = 0.0  # what the row may cost at worst: train, one extra epoch, eval
+    reason: str = ""
+
+    @property
+    def runs(self) -> bool:
+        return self.epochs > 0
+
+
+def _fixed_s(cost: RowCost, overhead_s: float) -> float:
+    # The trainer stops after the epoch that passes max_minutes: one epoch may overrun.
+    return cost.eval_s + overhead_s + cost.epoch_s
+
+
+def plan_rows(
+    costs: Sequence[RowCost],
+    seconds_left: float,
+    *,
+    max_epochs: int = BURDA_EPOCHS,
+    min_epochs: int = MIN_EPOCHS,
+    overhead_s: float = ROW_OVERHEAD_S,
+    safety: float = SAFETY,
+) -> tuple[RowPlan, ...]:
+    """Which rows fit in `seconds_left`, and for how many epochs.
+
+    Rows are taken in order while each still gets `min_epochs` (a row that does not fit is
+    skipped; a cheaper one after it may still fit). Every running row gets the same number of
+    epochs, as in the paper, so the objectives compare at equal training rather than equal
+    minutes; Burda's own schedule (3,280 epochs) when that many fit, else an exponential one
+    fitted to the epochs.
+    """
+    usable = max(0.0, seconds_left * (1.0 - safety))
+    min_epochs = min(min_epochs, max_epochs)
+    chosen: list[RowCost] = []
+    refused: dict[str, str] = {}
+    committed = 0.0
+    for cost in costs:
+        need = _fixed_s(cost, overhead_s) + min_epochs * cost.epoch_s
+        if committed + need <= usable:
+            chosen.append(cost)
+            committed += need
+        else:
+            refused[cost.name] = (
+                f"needs >= {_duration(need)} (test NLL ~{_duration(cost.eval_s)} + "
+                f"{min_epochs} epochs and a spare one of ~{_duration(cost.epoch_s)}), "
+                f"{_duration(usable - committed)} left"
+                + (" after the rows before it" if committed else "")
+            )
+    epochs, spare, per_epoch = 0, 0.0, 1.0
+    if chosen:
+        spare = usable - sum(_fixed_s(c, overhead_s) for c in chosen)
+        per_epoch = sum(max(c.epoch_s, 1e-9) for c in chosen)
+        epochs = max(min_epochs, min(max_epochs, int(spare // per_epoch)))
+    schedule = "burda" if epochs >= BURDA_EPOCHS else "exponential"
+    plans = []
+    chosen_names = {c.name for c in chosen}
+    for cost in costs:
+        if cost.name in chosen_names:
+            # The hard stop: the row's share of all the training time, at least its epochs'
+            # estimate, more when the epochs are capped (a slow epoch then costs no epoch).
+            train_s = spare * max(cost.epoch_s, 1e-9) / per_epoch
+            plans.append(
+                RowPlan(
+                    cost.name,
+                    epochs,
+                    schedule,
+                    max_minutes=train_s / 60.0,
+                    reserved_s=train_s + _fixed_s(cost, overhead_s),
+                )
+            )
+        else:
+            plans.append(RowPlan(cost.name, 0, reason=refused[cost.name]))
+    return tuple(plans)
+
+
+def train_config(row: Row, plan: RowPlan, device: str) -> TrainConfig:
+    """The row's training settings under its plan."""
+    return TrainConfig(
+        objective=row.objective,
+        iwae_k=row.iwae_k,
+        lr=LR,
+        lr_schedule=plan.lr_schedule,
+        lr_final=LR_FINAL,
+        epochs=plan.epochs,
+        batch_size=BATCH_SIZE,
+        # Early stopping only matters on long runs; a short budget's schedule is fitted to
+        # its epochs and should run to its end.
+        patience=max(10, plan.epochs // 10),
+        max_minutes=max(plan.max_minutes, 1e-6),  # 0 would mean no limit
+        device=device,
+        seed=SEED,
+    )
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass
+class RowResult:
+    row: Row
+    status: str  # "ran", NOT_RUN, or "failed: ..."
+    epochs: int = 0
+    train_s: float = 0.0
+    device: str = "-"
+    nll: float = math.nan
+    nll_stderr: float = math.nan
+    active_units: str = "-"
+    run_id: str = ""
+    note: str = ""
+
+
+def estimator_label(k: int, n: int) -> str:
+    return f"k={k}, {n:,} images"
+
+
+def results_table(results: Sequence[RowResult], k: int, n: int) -> str:
+    """The Markdown table, the paper's figure beside each row's."""
+    head = (
+        "| row | model | objective | epochs | train s | device | "
+        f"test NLL ({estimator_label(k, n)}) | Burda 2015 | active units |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in results:
+        ran = r.status == "ran"
+        nll = f"{r.nll:.2f} ± {r.nll_stderr:.2f}" if ran else r.status
+        lines.append(
+            f"| {r.row.name} | {r.row.model_label} | {r.row.objective_label} | "
+            f"{r.epochs if ran else '-'} | {f'{r.train_s:.0f}' if ran else '-'} | "
+            f"{r.device if ran else '-'} | {nll} | "
+            f"{'-' if r.row.burda_nll is None else f'{r.row.burda_nll:.2f}'} | "
+            f"{r.active_units if ran else '-'} |"
+        )
+    notes = [f"- {r.row.name}: {r.note}" for r in results if r.note]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def figures(results: Sequence[RowResult]) -> dict[str, float | str]:
+    """The `name value` lines: each row's test NLL, and the best row."""
+    ran = [r for r in results if r.status == "ran"]
+    out: dict[str, float | str] = {f"{r.row.name}_test_nll": r.nll for r in ran}
+    best = min(ran, key=lambda r: r.nll, default=None)
+    out["best_test_nll"] = best.nll if best else math.nan
+    out["best_row"] = best.row.name if best else "none"
+    return out
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _log(message: str) -> None:
+    print(f"[reproduce] {message}", file=sys.stderr, flush=True)
+
+
+def load_mnist(mnist_dir: Path, val_size: int) -> DatasetSplits:
+    """The official files split into train / val (seeded) and the untouched test set."""
+    from vae_core.data import DataError, load_raw, make_splits
+    from vae_core.data.sources import RAW_FILES
+
+    folder = Path(mnist_dir).expanduser()
+    if not folder.is_dir():
+        found = "a file" if folder.exists() else "nothing"
+        raise ReproduceError(
+            f"--mnist-dir {folder}: expected a folder holding the four MNIST IDX files "
+            f"({', '.join(RAW_FILES.values())}), found {found}"
+        )
+    try:
+        arrays = load_raw(folder)
+    except DataError as exc:
+        raise ReproduceError(f"--mnist-dir {folder}: {exc}") from exc
+    if (len(arrays[0]), len(arrays[2])) != (60_000, 10_000):
+        _log(
+            f"{folder} holds {len(arrays[0]):,} training and {len(arrays[2]):,} test images, "
+            "not the official 60,000 / 10,000: the figures do not compare with the paper's"
+        )
+    splits, _ = make_splits(
+        *arrays, val_size=val_size, split_seed=SEED, binarize_seed=SEED, holdout_size=0
+    )
+    return splits
+
+
+def _sync(device: torch.device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_row(
+    row: Row,
+    splits: DatasetSplits,
+    x_test: torch.Tensor,
+    device: str,
+    test_k: int,
+    n_test: int,
+    eval_cache: dict[VAEConfig, float],
+    work_dir: Path,
+    probe_batches: int = 5,
+    probe_epochs: int = 4,
+) -> RowCost:
+    """Time a few short epochs on a slice of the training set (the first warms up; the median
+    of the others, so one stall on a shared machine does not decide) and, once per
+    architecture, `iwae_nll` on a few dozen test images; extrapolate both."""
+    import statistics
+
+    from vae_core.evaluation.likelihood import iwae_nll
+    from vae_core.models.factory import build_vae
+    from vae_core.training.trainer import Trainer
+
+    config = TrainConfig(
+        objective=row.objective,
+        iwae_k=row.iwae_k,
+        epochs=probe_epochs,
+        batch_size=BATCH_SIZE,
+        patience=0,
+        device=device,
+        seed=SEED,
+    )
+    trainer = Trainer(build_vae(row.model, seed=SEED), config, progress=False)
+    n_train = len(splits.train_images)
+    n_probe = min(n_train, probe_batches * BATCH_SIZE)
+    stamps: list[float] = []
+    result = trainer.fit(
+        splits.train_images[:n_probe],
+        splits.val_images,
+        checkpoint_dir=work_dir / row.name,
+        callbacks=[lambda _: stamps.append(time.perf_counter())],
+        resume=False,
+    )
+    timed = range(1, len(result.history))
+    train_s = statistics.median(result.history[i]["epoch_seconds"] for i in timed)
+    # What an epoch costs besides training: validation, checkpoints, the MLflow callback.
+    fixed_s = statistics.median(
+        stamps[i] - stamps[i - 1] - result.history[i]["epoch_seconds"] for i in timed
+    )
+    epoch_s = train_s * n_train / n_probe + max(0.0, fixed_s)
+    if row.model not in eval_cache:
+        model = trainer.model
+        n_probe_eval = min(n_test, 24 if trainer.device.type == "cpu" else 256)
+        x = x_test[:n_probe_eval].to(trainer.device)
+        iwae_nll(model, x[:1], test_k, seed=SEED)  # warm-up
+        _sync(trainer.device)
+        start = time.perf_counter()
+        iwae_nll(model, x, test_k, seed=SEED)
+        _sync(trainer.device)
+        eval_cache[row.model] = (time.perf_counter() - start) * n_test / n_probe_eval
+    return RowCost(row.name, epoch_s, eval_cache[row.model])
+
+
+# --------------------------------------------------------------------------- running a row
+
+
+def _count_active_units(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Burda's active units; for two stochastic layers, per layer (z1 from q(z1|x), z2 from
+    the model's encode, q(z2 | E[z1|x]))."""
+    from torch import nn
+
+    from vae_core.evaluation.likelihood import active_units
+
+    top, _ = active_units(model, x)
+    if not hasattr(model, "q_z1"):
+        return {"active_units": top}
+
+    class FirstLayer(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def encode(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.inner.q_z1(xb)
+
+    first, _ = active_units(FirstLayer(model), x)
+    return {"active_units": first + top, "active_units_z1": first, "active_units_z2": top}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every row shares: where results go and how the test NLL is estimated."""
+
+    client: MlflowClient
+    experiment_id: str
+    out_dir: Path
+    device: str
+    test_k: int
+    test_size: int
+    n_test: int
+    budget_minutes: float
+    mnist_dir: Path
+
+
+def run_row(
+    row: Row,
+    plan: RowPlan,
+    cost: RowCost,
+    splits: DatasetSplits,
+    x_test: torch.Tensor,
+    s: Settings,
+) -> RowResult:
+    """Train, evaluate and log one row as one MLflow run (FAILED with the reason if it fails)."""
+    import torch
+
+    from flows import tracking
+    from vae_core.evaluation.likelihood import iwae_nll
+    from vae_core.training.run import VARIANT_LABELS, run_training
+
+    cfg = train_config(row, plan, s.device)
+    estimator = f"IWAE {estimator_label(s.test_k, s.n_test)} (test set)"
+    tags = {
+        "reproduce.row": row.name,
+        "data.variant": VARIANT_LABELS["binarized"],
+        "estimator": estimator,
+        "reference": "Burda et al. 2015, Table 1"
+        + ("" if row.burda_nll is None else f": {row.burda_nll} nats"),
+        "data.source": str(Path(s.mnist_dir).resolve()),
+        "torch.version": torch.__version__,
+        "torch.threads": str(torch.get_num_threads()),
+        **tracking.git_state(Path.cwd()),
+    }
+    run_id = s.client.create_run(s.experiment_id, run_name=row.name, tags=tags).info.run_id
+    try:
+        tracking.log_params(
+            s.client,
+            run_id,
+            {
+                "row": row.name,
+                **{f"model.{k}": v for k, v in row.model.to_dict().items()},
+                **{f"train.{k}": v for k, v in cfg.to_dict().items()},
+                "eval.iwae_k": s.test_k,
+                "eval.test_size": s.n_test,
+                "eval.seed": SEED,
+                "data.val_size": len(splits.val_images),
+                "data.split_seed": SEED,
+                "data.binarize_seed": SEED,
+                "budget.minutes": s.budget_minutes,
+                "plan.epoch_seconds": round(cost.epoch_s, 2),
+                "plan.eval_seconds": round(cost.eval_s, 2),
+            },
+        )
+        start = time.perf_counter()
+        outcome = run_training(
+            splits,
+            row.model,
+            cfg,
+            s.out_dir / "rows" / row.name,
+            callbacks=[tracking.EpochLogger(s.client, run_id)],
+            resume=False,  # a schedule fitted to this budget must not continue an older one
+            progress=False,
+        )
+        train_s = time.perf_counter() - start
+        model, device = outcome.model, str(outcome.metrics["device"])
+        x = x_test.to(device)
+        start = time.perf_counter()
+        nll = iwae_nll(model, x, s.test_k, test_size=s.test_size, seed=SEED)
+        eval_s = time.perf_counter() - start
+        units = _count_active_units(model, x)
+        metrics: dict[str, Any] = {
+            "test_nll": nll.mean,
+            "test_nll_stderr": nll.stderr,
+            **units,
+            "epochs": outcome.metrics["epochs"],
+            "best_epoch": outcome.metrics["best_epoch"],
+            "best_val_neg_elbo": outcome.metrics["best_val_neg_elbo"],
+            "train_seconds": train_s,
+            "eval_seconds": eval_s,
+            "train_samples_per_second": outcome.metrics["train_samples_per_second"],
+            "stopped_by_time": outcome.metrics["stopped_by_time"],
+            "stopped_early": outcome.metrics["stopped_early"],
+            "device": device,
+        }
+        if row.burda_nll is not None:
+            metrics["burda2015_nll"] = row.burda_nll
+        tracking.log_flat_metrics(s.client, run_id, metrics)
+        s.client.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:
+        tracking.mark_failed(s.client, run_id, exc)
+        raise
+    return RowResult(
+        row,
+        "ran",
+        epochs=int(outcome.metrics["epochs"]),
+        train_s=train_s,
+        device=device,
+        nll=nll.mean,
+        nll_stderr=nll.stderr,
+        active_units=(
+            f"{units['active_units_z1']}+{units['active_units_z2']}"
+            if "active_units_z1" in units
+            else str(units["active_units"])
+        ),
+        run_id=run_id,
+    )
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@dataclass(frozen=True)
+class Outcome:
+    table: str
+    figures: dict[str, float | str]
+    results: tuple[RowResult, ...]
+
+
+def reproduce(
+    mnist_dir: Path,
+    *,
+    budget_minutes: float,
+    rows: Sequence[Row] = ROWS,
+    device: str = "auto",
+    tracking_uri: str | None = None,
+    out_dir: Path = Path("runs/reproduce"),
+    test_k: int = TEST_K,
+    test_size: int = TEST_SIZE,
+    val_size: int = VAL_SIZE,
+    max_epochs: int = BURDA_EPOCHS,
+    started: float | None = None,
+    log: Callable[[str], None] = _log,
+) -> Outcome:
+    """Measure, plan, train and evaluate the rows within `budget_minutes` of wall time counted
+    from `started` (time.monotonic(); default now); write the table into `out_dir`."""
+    import tempfile
+
+    import torch
+
+    from vae_core.atomic import atomic_write_text
+    from vae_core.training.device import pick_device
+    from vae_core.training.run import split_inputs
+
+    started = time.monotonic() if started is None else started
+    deadline = started + 60.0 * budget_minutes
+    if budget_minutes <= 0 or test_k < 1 or test_size < 0 or max_epochs < 1:
+        raise ReproduceError(
+            "expected --budget-minutes > 0, --test-k >= 1, --test-size >= 0 and "
+            f"--max-epochs >= 1, found {budget_minutes}, {test_k}, {test_size}, {max_epochs}"
+        )
+    try:
+        resolved = str(pick_device(TrainConfig(device=device).device))
+    except ValueError as exc:  # a malformed name (ConfigError) or a device this machine lacks
+        raise ReproduceError(f"--device {device}: {exc}") from exc
+    splits = load_mnist(mnist_dir, val_size)
+    x_test = split_inputs(splits, "test", "binarized")
+    n_test = len(x_test) if test_size == 0 else min(test_size, len(x_test))
+
+    from flows import tracking  # MLflow: imported once the arguments are known to be good
+
+    client = tracking.connect(tracking_uri or tracking.resolve_uri(Path.cwd()))
+    tracking.ensure_reachable(client)
+    experiment_id = tracking.ensure_experiment(client, EXPERIMENT, Path.cwd())
+    settings = Settings(
+        client,
+        experiment_id,
+        Path(out_dir),
+        resolved,
+        test_k,
+        test_size,
+        n_test,
+        budget_minutes,
+        Path(mnist_dir),
+    )
+
+    costs: dict[str, RowCost] = {}
+    eval_cache: dict[VAEConfig, float] = {}
+    x_probe = x_test.to(resolved)
+    with tempfile.TemporaryDirectory(prefix="vae-reproduce-probe-") as tmp:
+        for row in rows:
+            if time.monotonic() >= deadline:
+                break  # rows left unmeasured do not run
+            cost = measure_row(
+                row, splits, x_probe, resolved, test_k, n_test, eval_cache, Path(tmp)
+            )
+            costs[row.name] = cost
+            log(
+                f"measured {row.name}: ~{cost.epoch_s:.1f} s per epoch, test NLL "
+                f"({estimator_label(test_k, n_test)}) ~{_duration(cost.eval_s)}"
+            )
+    del x_probe
+    plans = plan_rows(list(costs.values()), deadline - time.monotonic(), max_epochs=max_epochs)
+    by_name = {p.name: p for p in plans}
+    for plan in plans:
+        if plan.runs:
+            log(
+                f"plan {plan.name}: {plan.epochs} epochs, {plan.lr_schedule} lr, hard stop "
+                f"after {_duration(60 * plan.max_minutes)} of training"
+            )
+        else:
+            log(f"plan {plan.name}: {NOT_RUN}: {plan.reason}")
+
+    results: list[RowResult] = []
+    for i, row in enumerate(rows):
+        plan = by_name.get(row.name)
+        if plan is None or not plan.runs:
+            note = plan.reason if plan else "not measured: the budget ran out while measuring"
+            results.append(RowResult(row, NOT_RUN, note=note))
+            continue
+        # Earlier rows may have overrun their estimates: shrink this row's hard stop so the
+        # rows after it keep their reservation, or skip it when not even one epoch is left.
+        later = sum(by_name[r.name].reserved_s for r in rows[i + 1 :] if r.name in by_name)
+        cost = costs[row.name]
+        room = deadline - time.monotonic() - later - (plan.reserved_s - 60.0 * plan.max_minutes)
+        if room < cost.epoch_s:
+            results.append(RowResult(row, NOT_RUN, note="earlier rows overran their estimates"))
+            log(f"skip {row.name}: {NOT_RUN}: earlier rows overran their estimates")
+            continue
+        if room < 60.0 * plan.max_minutes:
+            plan = RowPlan(plan.name, plan.epochs, plan.lr_schedule, room / 60.0, plan.reserved_s)
+        log(
+            f"training {row.name}: {plan.epochs} epochs at most, {_duration(60 * plan.max_minutes)}"
+        )
+        try:
+            result = run_row(row, plan, cost, splits, x_test, settings)
+        except VaeError as exc:  # a diverged row should not cost the others their figures
+            results.append(RowResult(row, f"failed: {type(exc).__name__}", note=str(exc)))
+            log(f"{row.name} failed: {exc}")
+            continue
+        log(
+            f"{row.name}: test NLL {result.nll:.2f} ± {result.nll_stderr:.2f} after "
+            f"{result.epochs} epochs ({result.train_s:.0f} s)"
+        )
+        results.append(result)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    table = results_table(results, test_k, n_test)
+    atomic_write_text(Path(out_dir) / "table.md", table)
+    wall = {
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "budget_seconds": 60.0 * budget_minutes,
+    }
+    return Outcome(table, figures(results) | wall, tuple(results))
