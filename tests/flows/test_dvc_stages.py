@@ -38,52 +38,70 @@ DEFAULTS = (
 
 @pytest.fixture(scope="module")
 def baseline(dvc_project: Path, dvc, digest) -> dict:
-    """The default pipeline reproduced once: its lineage and the bytes of its outputs."""
+    """The default pipeline reproduced once: its params.yaml, lineage and output bytes."""
+    params_text = (dvc_project / "params.yaml").read_text()
     result = dvc(dvc_project, "repro", "prepare")
     assert result.returncode == 0, result.stdout + result.stderr
     assert ran(result, "fetch") and ran(result, "prepare")
     return {
         "first": result,
+        "params": params_text,
         "lineage": data_lineage(dvc_project),
         "data": digest(dvc_project / "data"),
     }
 
 
-def test_repro_on_embedded_data_then_up_to_date(dvc_project: Path, baseline, dvc) -> None:
-    raw = dvc_project / "data" / "raw" / "mnist"
-    processed = dvc_project / "data" / "processed" / "mnist"
+@pytest.fixture
+def project(dvc_project: Path, baseline, dvc, digest) -> Path:
+    """The module's DVC project brought back to the baseline before each test, whatever an
+    earlier test left (another source, another seed, failed stages): the default params.yaml,
+    `dvc repro` (outputs from DVC's cache, or a cheap re-run), the baseline's bytes."""
+    (dvc_project / "params.yaml").write_text(baseline["params"])
+    result = dvc(dvc_project, "repro", "prepare")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lineage = data_lineage(dvc_project)
+    assert lineage["params_match_lock"] is True
+    assert lineage["raw_md5"] == baseline["lineage"]["raw_md5"]
+    assert lineage["processed_md5"] == baseline["lineage"]["processed_md5"]
+    assert digest(dvc_project / "data") == baseline["data"]
+    return dvc_project
+
+
+def test_repro_on_embedded_data_then_up_to_date(project: Path, baseline, dvc) -> None:
+    raw = project / "data" / "raw" / "mnist"
+    processed = project / "data" / "processed" / "mnist"
     manifest = json.loads((raw / "manifest.json").read_text())
     assert manifest["counts"] == {"train": 4000, "test": 1000}
     stats = json.loads((processed / "stats.json").read_text())
     assert stats["counts"] == {"train": 3000, "val": 500, "holdout": 500, "test": 1000}
-    assert (dvc_project / "dvc.lock").is_file()
+    assert (project / "dvc.lock").is_file()
     lineage = baseline["lineage"]
     assert lineage["raw_md5"].endswith(".dir") and lineage["processed_md5"].endswith(".dir")
     assert lineage["raw"]["stage"] == "fetch" and lineage["processed"]["stage"] == "prepare"
     assert lineage["params_match_lock"] is True
 
-    again = dvc(dvc_project, "repro", "prepare")
+    again = dvc(project, "repro", "prepare")
     assert again.returncode == 0
     # Only the cheap source fingerprint runs; the same bytes behind the source: nothing else.
     assert ran(again, "source") and not ran(again, "fetch") and not ran(again, "prepare")
     assert "Stage 'fetch' didn't change, skipping" in again.stdout
 
 
-def test_split_seed_reruns_prepare_only(dvc_project: Path, baseline, dvc, digest) -> None:
-    set_params(dvc_project, "data.split_seed=1")
-    assert data_lineage(dvc_project)["params_match_lock"] is False
-    result = dvc(dvc_project, "repro", "prepare")
+def test_split_seed_reruns_prepare_only(project: Path, baseline, dvc, digest) -> None:
+    set_params(project, "data.split_seed=1")
+    assert data_lineage(project)["params_match_lock"] is False
+    result = dvc(project, "repro", "prepare")
     assert result.returncode == 0, result.stderr
     assert ran(result, "prepare") and not ran(result, "fetch")
-    lineage = data_lineage(dvc_project)
+    lineage = data_lineage(project)
     assert lineage["raw_md5"] == baseline["lineage"]["raw_md5"]
     assert lineage["processed_md5"] != baseline["lineage"]["processed_md5"]
 
-    set_params(dvc_project, *DEFAULTS)  # back: restored from DVC's run cache, byte for byte
-    result = dvc(dvc_project, "repro", "prepare")
+    set_params(project, *DEFAULTS)  # back: restored from DVC's run cache, byte for byte
+    result = dvc(project, "repro", "prepare")
     assert result.returncode == 0 and not ran(result, "fetch")
-    assert data_lineage(dvc_project)["processed_md5"] == baseline["lineage"]["processed_md5"]
-    assert digest(dvc_project / "data") == baseline["data"]
+    assert data_lineage(project)["processed_md5"] == baseline["lineage"]["processed_md5"]
+    assert digest(project / "data") == baseline["data"]
 
 
 BAD_INPUTS = {
@@ -102,91 +120,84 @@ def data_stages(project: Path) -> dict:
 
 
 def test_bad_inputs_fail_clearly_and_checkout_restores(
-    dvc_project: Path, baseline, dvc, digest, tmp_path: Path, write_raw
+    project: Path, baseline, dvc, digest, tmp_path: Path, write_raw
 ) -> None:
-    params_text = (dvc_project / "params.yaml").read_text()
-    data_stages_before = data_stages(dvc_project)
+    params_text = (project / "params.yaml").read_text()
+    data_stages_before = data_stages(project)
     write_raw(tmp_path / "idx", 1000, 200)
     f = tmp_path / "idx" / "train-images-idx3-ubyte.gz"
     f.write_bytes(f.read_bytes()[:-500])
     for bad, message in BAD_INPUTS.items():
-        (dvc_project / "params.yaml").write_text(params_text)
+        (project / "params.yaml").write_text(params_text)
         if bad == "truncated":
-            set_params(dvc_project, f"data.source={tmp_path / 'idx'}", "data.holdout_size=100")
+            set_params(project, f"data.source={tmp_path / 'idx'}", "data.holdout_size=100")
         elif bad == "val_size":
-            set_params(dvc_project, "data.val_size=4000")
+            set_params(project, "data.val_size=4000")
         else:  # write_params refuses bad values, so edit the file as a user would
             text = params_text.replace("dataset: mnist", "dataset: cifar")
-            (dvc_project / "params.yaml").write_text(text)
-        result = dvc(dvc_project, "repro", "prepare")
+            (project / "params.yaml").write_text(text)
+        result = dvc(project, "repro", "prepare")
         assert result.returncode != 0, bad
         output = result.stdout + result.stderr
         assert "error: " in output and message in output, output
         assert "Traceback" not in output
-        assert data_stages(dvc_project) == data_stages_before  # still pins good data
+        assert data_stages(project) == data_stages_before  # still pins good data
 
     # DVC removed the outputs of the stages it tried to run; restoring params.yaml and
     # checking out brings them back from the cache, byte for byte.
-    (dvc_project / "params.yaml").write_text(params_text)
-    restored = dvc(dvc_project, "checkout", "prepare")
+    (project / "params.yaml").write_text(params_text)
+    restored = dvc(project, "checkout", "prepare")
     assert restored.returncode == 0, restored.stderr
     # (the source fingerprint is not data: it says what the source stage saw last)
-    data = {k: v for k, v in digest(dvc_project / "data").items() if not k.startswith("source/")}
+    data = {k: v for k, v in digest(project / "data").items() if not k.startswith("source/")}
     assert data == {k: v for k, v in baseline["data"].items() if not k.startswith("source/")}
-    status = dvc(dvc_project, "status", "prepare")
+    status = dvc(project, "status", "prepare")
     assert "up to date" in status.stdout, status.stdout
 
 
-def test_lineage_errors(tmp_path: Path, dvc_project: Path) -> None:
+def test_lineage_errors(tmp_path: Path, project: Path) -> None:
     with pytest.raises(LineageError, match=r"dvc.lock: not found.*run `dvc repro`"):
         data_lineage(tmp_path)
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  fetch: {}\n")
     with pytest.raises(LineageError, match=r"expected a stage 'prepare'|records no output hash"):
         data_lineage(tmp_path, dataset="mnist")
     with pytest.raises(LineageError, match=r"records 'data/raw/mnist', expected 'data/raw/kmnist'"):
-        data_lineage(dvc_project, dataset="kmnist")
+        data_lineage(project, dataset="kmnist")
 
 
-def test_folder_source_reruns_both(
-    dvc_project: Path, baseline, dvc, write_raw, tmp_path: Path
-) -> None:
+def test_folder_source_reruns_both(project: Path, baseline, dvc, write_raw, tmp_path: Path) -> None:
     write_raw(tmp_path / "idx", 1000, 200)
-    set_params(dvc_project, f"data.source={tmp_path / 'idx'}", "data.holdout_size=100")
-    result = dvc(dvc_project, "repro", "prepare")
+    set_params(project, f"data.source={tmp_path / 'idx'}", "data.holdout_size=100")
+    result = dvc(project, "repro", "prepare")
     assert result.returncode == 0, result.stderr
     assert ran(result, "fetch") and ran(result, "prepare")
-    stats = json.loads((dvc_project / "data/processed/mnist/stats.json").read_text())
+    stats = json.loads((project / "data/processed/mnist/stats.json").read_text())
     assert stats["counts"] == {"train": 400, "val": 500, "holdout": 100, "test": 200}
-    assert data_lineage(dvc_project)["raw_md5"] != baseline["lineage"]["raw_md5"]
-    # (last of the real-DVC tests: it leaves the scratch project on the folder source)
+    assert data_lineage(project)["raw_md5"] != baseline["lineage"]["raw_md5"]
 
 
 def test_new_bytes_behind_the_same_folder_are_fetched(
-    dvc_project: Path, baseline, dvc, write_raw, tmp_path: Path
+    project: Path, baseline, dvc, write_raw, tmp_path: Path
 ) -> None:
     """The source path stays the same; the files behind it change (a new release lands)."""
     folder = tmp_path / "incoming"
     write_raw(folder, 1000, 200)
-    set_params(dvc_project, f"data.source={folder}", "data.holdout_size=100", "data.split_seed=0")
-    try:
-        first = dvc(dvc_project, "repro", "prepare")
-        assert first.returncode == 0, first.stderr
-        before = data_lineage(dvc_project)
-        same = dvc(dvc_project, "repro", "prepare")
-        assert ran(same, "source") and not ran(same, "fetch") and not ran(same, "prepare")
+    set_params(project, f"data.source={folder}", "data.holdout_size=100", "data.split_seed=0")
+    first = dvc(project, "repro", "prepare")
+    assert first.returncode == 0, first.stderr
+    before = data_lineage(project)
+    same = dvc(project, "repro", "prepare")
+    assert ran(same, "source") and not ran(same, "fetch") and not ran(same, "prepare")
 
-        write_raw(folder, 1800, 300, seed=1)  # another valid dataset, same folder
-        changed = dvc(dvc_project, "repro", "prepare")
-        assert changed.returncode == 0, changed.stderr
-        assert ran(changed, "fetch") and ran(changed, "prepare")
-        after = data_lineage(dvc_project)
-        assert after["raw_md5"] != before["raw_md5"]
-        assert after["processed_md5"] != before["processed_md5"]
-        stats = json.loads((dvc_project / "data/processed/mnist/stats.json").read_text())
-        assert stats["counts"] == {"train": 1200, "val": 500, "holdout": 100, "test": 300}
-    finally:
-        set_params(dvc_project, *DEFAULTS)
-        assert dvc(dvc_project, "repro", "prepare").returncode == 0
+    write_raw(folder, 1800, 300, seed=1)  # another valid dataset, same folder
+    changed = dvc(project, "repro", "prepare")
+    assert changed.returncode == 0, changed.stderr
+    assert ran(changed, "fetch") and ran(changed, "prepare")
+    after = data_lineage(project)
+    assert after["raw_md5"] != before["raw_md5"]
+    assert after["processed_md5"] != before["processed_md5"]
+    stats = json.loads((project / "data/processed/mnist/stats.json").read_text())
+    assert stats["counts"] == {"train": 1200, "val": 500, "holdout": 100, "test": 300}
 
 
 # --------------------------------------------------------------------------- each bad input

@@ -2,15 +2,18 @@
 test harness), a real MLflow SQLite store in a throw-away git + DVC workspace, the real `dvc`
 CLI for the data stages, and the `vae-pipeline` commands people use.
 
-The scenario (run once for the module): run 1 trains two epochs and, as the first version
-meeting the floor, becomes champion; run 2 trains zero epochs (an untrained model, ~545 nats
-against ~210), is registered as challenger and rejected by the gate. Then a person promotes
-version 2 by hand and rolls back. Each test reads one aspect back from MLflow, DVC, git or
-Prefect.
+The scenario (run once for the module, whole, before any test looks at it): run 1 trains two
+epochs and, as the first version meeting the floor, becomes champion; run 2 trains zero epochs
+(an untrained model, ~545 nats against ~210), is registered as challenger and rejected by the
+gate. Then a person promotes version 2 by hand and rolls back. Each test reads one aspect back
+from MLflow, DVC, git or Prefect (or from what the scenario recorded at a step), and changes
+nothing, so the tests pass in any order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import subprocess
 import time
@@ -62,6 +65,7 @@ def scenario(prefect_harness, isolated_mlflow_uri, workspace_factory, tiny_overr
     run1 = run_pipeline(ws, with_epochs(tiny_overrides, 2))
     lock_after_run1 = (ws / "dvc.lock").read_text()
     run2 = run_pipeline(ws, with_epochs(tiny_overrides, 0))
+    code_hash = model_code_hash()  # what run 3 compares with: the code as the runs saw it
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     aliases = dict(client.get_registered_model(MODEL).aliases)
     # Nothing changed since run 2: no training, no version; then the same with --force.
@@ -72,6 +76,7 @@ def scenario(prefect_harness, isolated_mlflow_uri, workspace_factory, tiny_overr
         "runs": len(client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])),
     }
     run4 = run_pipeline(ws, run2.overrides, force=True)
+    manual = manual_moves(ws, client)
     print(
         f"\nworkspace {ws}\nrun 1: {run1.seconds:.0f} s, run 2: {run2.seconds:.0f} s; "
         f"aliases after two runs: {aliases}"
@@ -87,6 +92,8 @@ def scenario(prefect_harness, isolated_mlflow_uri, workspace_factory, tiny_overr
         client=client,
         aliases_after_runs=aliases,
         lock_after_run1=lock_after_run1,
+        manual=manual,
+        code_hash=code_hash,
     )
 
 
@@ -96,6 +103,36 @@ def version_tags(scenario, version: str) -> dict[str, str]:
 
 def aliases(scenario) -> dict[str, str]:
     return {k: str(v) for k, v in scenario.client.get_registered_model(MODEL).aliases.items()}
+
+
+PROMOTE_REASON = "manual check: promote the untrained version 2"
+ROLLBACK_REASON = "roll back: version 2 was never trained"
+
+
+def manual_moves(ws: Path, client) -> dict[str, SimpleNamespace]:
+    """What a person does after the runs: promote version 2 by hand, try again (refused),
+    roll back. Each step's exit status, output, aliases, version tags and descriptions."""
+    common = ["--workdir", str(ws), "--actor", "pytest"]
+
+    def step(*argv: str) -> SimpleNamespace:
+        out, err = io.StringIO(), io.StringIO()  # never closed: see test_pipeline_faults
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = cli_main([*argv, *common])
+        versions = {v: client.get_model_version(MODEL, v) for v in ("1", "2")}
+        return SimpleNamespace(
+            rc=rc,
+            out=out.getvalue(),
+            err=err.getvalue(),
+            aliases={k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()},
+            tags={v: dict(mv.tags) for v, mv in versions.items()},
+            descriptions={v: mv.description or "" for v, mv in versions.items()},
+        )
+
+    return {
+        "promote": step("promote", "2", "--reason", PROMOTE_REASON),
+        "again": step("promote", "2", "--reason", "again"),
+        "rollback": step("rollback", "--reason", ROLLBACK_REASON),
+    }
 
 
 # --------------------------------------------------------------------------- registry + gate
@@ -178,7 +215,7 @@ def test_nothing_changed_trains_nothing_until_forced(scenario) -> None:
     assert {k: made_from[k] for k in ("dvc.processed_md5", "params.hash", "code.hash")} == {
         "dvc.processed_md5": data_lineage(scenario.ws)["processed_md5"],
         "params.hash": load_params(scenario.ws / "params.yaml", run2.overrides).hash(),
-        "code.hash": model_code_hash(),
+        "code.hash": scenario.code_hash,
     }
     # --force trains and registers anyway (the same figures: training is deterministic).
     assert run4.result["model"] == {"name": MODEL, "version": "3"}
@@ -191,7 +228,7 @@ def test_nothing_changed_trains_nothing_until_forced(scenario) -> None:
 def test_the_summary_artifact_and_events_name_each_decision(scenario) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
@@ -209,10 +246,16 @@ def test_the_summary_artifact_and_events_name_each_decision(scenario) -> None:
             ("vae.model.up-to-date", "2"),
             ("vae.model.rejected", "3"),
         }
-        name_filter = EventNameFilter(prefix=["vae.model."])
+        # Only this scenario's flow runs: other modules run pipelines against the same Prefect
+        # API and emit the same event names for their own versions 1, 2, ...
+        runs = (scenario.run1, scenario.run2, scenario.run3, scenario.run4)
+        event_filter = EventFilter(
+            event=EventNameFilter(prefix=["vae.model."]),
+            related=EventRelatedFilter(id=[f"prefect.flow-run.{r.flow_run_id}" for r in runs]),
+        )
         deadline = time.monotonic() + 120
         while True:
-            page = client.read_events(filter=EventFilter(event=name_filter), limit=50)
+            page = client.read_events(filter=event_filter, limit=50)
             seen = {(e.event, e.resource["mlflow.version"]) for e in page.events}
             if wanted <= seen or time.monotonic() > deadline:
                 break
@@ -405,34 +448,35 @@ def test_sample_from_the_champion(scenario, tmp_path: Path, capsys) -> None:
     assert same(champion, v1) and not same(champion, v2)
 
 
-def test_manual_promote_then_rollback_move_aliases(scenario, capsys) -> None:
-    ws = ["--workdir", str(scenario.ws), "--actor", "pytest"]
-    promote_reason = "manual check: promote the untrained version 2"
-    assert cli_main(["promote", "2", "--reason", promote_reason, *ws]) == 0
-    assert "champion='2'" in capsys.readouterr().out
-    assert aliases(scenario) == {"champion": "2", "previous-champion": "1", "challenger": "3"}
-    v2, v1 = version_tags(scenario, "2"), version_tags(scenario, "1")
+def test_manual_promote_then_rollback_move_aliases(scenario) -> None:
+    promote = scenario.manual["promote"]
+    assert promote.rc == 0, promote.err
+    assert "champion='2'" in promote.out
+    assert promote.aliases == {"champion": "2", "previous-champion": "1", "challenger": "3"}
+    v1, v2 = promote.tags["1"], promote.tags["2"]
     assert v2["manual.action"] == "promote"
-    assert v2["manual.reason"] == promote_reason
+    assert v2["manual.reason"] == PROMOTE_REASON
     assert v2["manual.actor"] == "pytest"
     assert v2["manual.previous_champion"] == "1"
     assert v2["manual.at"]
     assert v2["gate.decision"] == "reject"  # the gate's record stays as it was
     assert v1["manual.action"] == "demoted" and v1["manual.replaced_by"] == "2"
-    assert promote_reason in scenario.client.get_model_version(MODEL, "2").description
+    assert PROMOTE_REASON in promote.descriptions["2"]
 
     # Promoting the champion again is refused with a clear error and changes nothing.
-    assert cli_main(["promote", "2", "--reason", "again", *ws]) == 2
-    assert "already champion" in capsys.readouterr().err
+    again = scenario.manual["again"]
+    assert again.rc == 2 and "already champion" in again.err
+    assert (again.aliases, again.tags) == (promote.aliases, promote.tags)
 
-    rollback_reason = "roll back: version 2 was never trained"
-    assert cli_main(["rollback", "--reason", rollback_reason, *ws]) == 0
-    capsys.readouterr()
-    assert aliases(scenario) == {"champion": "1", "previous-champion": "2", "challenger": "3"}
-    v2, v1 = version_tags(scenario, "2"), version_tags(scenario, "1")
+    rollback = scenario.manual["rollback"]
+    assert rollback.rc == 0, rollback.err
+    assert rollback.aliases == {"champion": "1", "previous-champion": "2", "challenger": "3"}
+    v1, v2 = rollback.tags["1"], rollback.tags["2"]
     assert v1["manual.action"] == "rollback-to"
-    assert v1["manual.reason"] == rollback_reason
+    assert v1["manual.reason"] == ROLLBACK_REASON
     assert v1["manual.replaced"] == "2"
     assert v2["manual.action"] == "rolled-back" and v2["manual.replaced_by"] == "1"
-    assert rollback_reason in scenario.client.get_model_version(MODEL, "1").description
-    assert rollback_reason in scenario.client.get_model_version(MODEL, "2").description
+    assert ROLLBACK_REASON in rollback.descriptions["1"]
+    assert ROLLBACK_REASON in rollback.descriptions["2"]
+    # The registry is left as the rollback left it (no test moves an alias).
+    assert aliases(scenario) == rollback.aliases
