@@ -42,7 +42,7 @@ from flows.registry import (
     registered_model_name,
     rollback,
 )
-from vae_core.models import build_vae
+from vae_core.models import VAEConfig, build_vae
 from vae_core.training import load_model, save_model
 from vae_core.training.checkpoint import UnsafeWeightsError
 
@@ -190,6 +190,35 @@ def test_logged_model_layout_and_both_reloads(backend, logged):
         rebuilt.sample(3, torch.Generator().manual_seed(0)),
         entry["model"].sample(3, torch.Generator().manual_seed(0)),
     )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        VAEConfig(hidden_sizes=[16, 16], latent_dim=5, activation="tanh"),
+        VAEConfig(
+            architecture="mlp2",
+            hidden_sizes=[16, 16],
+            latent_dim=6,
+            activation="tanh",
+            top_hidden_sizes=[8],
+            top_latent_dim=3,
+        ),
+    ],
+    ids=["burda-one-layer", "burda-two-layer"],
+)
+def test_each_model_variant_is_logged_registered_and_rebuilt_without_pickle(backend, config, name):
+    model = build_vae(config, seed=0).eval()
+    with mlflow.start_run(experiment_id=backend["experiment_id"]) as run:
+        info = log_vae(model, "binarized")
+    register_version(
+        run.info.run_id, name, "model", {}, "a model variant", model_uri=info.model_uri
+    )
+    rebuilt, saved = load_vae_with_config(f"models:/{name}/1")
+    assert type(rebuilt) is type(model) and saved["architecture"] == config.architecture
+    x = (torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)) < 0.2).float()
+    torch.testing.assert_close(rebuilt.reconstruct(x), model.reconstruct(x))
+    assert max(verify_logged_model(info.model_uri).values()) <= 1e-5  # the pt2 forward too
 
 
 def test_register_two_versions(backend, logged, name):
