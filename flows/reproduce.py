@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vae_core.config import TrainConfig, VAEConfig
+from vae_core.config import BURDA_ONE_LAYER, BURDA_TWO_LAYER, TrainConfig, VAEConfig
 from vae_core.errors import VaeError
 
 if TYPE_CHECKING:
@@ -51,15 +51,7 @@ class ReproduceError(VaeError, ValueError):
 
 # --------------------------------------------------------------------------- rows
 
-_BURDA1 = VAEConfig(hidden_sizes=(200, 200), latent_dim=50, activation="tanh")
-_BURDA2 = VAEConfig(
-    architecture="mlp2",
-    hidden_sizes=(200, 200),
-    latent_dim=100,
-    activation="tanh",
-    top_hidden_sizes=(100, 100),
-    top_latent_dim=50,
-)
+_BURDA1, _BURDA2 = BURDA_ONE_LAYER, BURDA_TWO_LAYER
 
 
 @dataclass(frozen=True)

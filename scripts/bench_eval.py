@@ -34,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vae_core.config import BURDA_ONE_LAYER, BURDA_TWO_LAYER  # noqa: E402
 from vae_core.evaluation.likelihood import (  # noqa: E402
     elbo_summary,
     iwae_log_likelihood,
@@ -79,10 +80,8 @@ def _time_iwae(model, x, k: int, test_size: int, seed: int, device: torch.device
 
 PRESETS = {
     "mlp": VAEConfig(),
-    "burda1": VAEConfig(hidden_sizes=(200, 200), latent_dim=50, activation="tanh"),
-    "burda2": VAEConfig(
-        architecture="mlp2", hidden_sizes=(200, 200), latent_dim=100, activation="tanh"
-    ),
+    "burda1": BURDA_ONE_LAYER,
+    "burda2": BURDA_TWO_LAYER,
 }
 
 

@@ -224,6 +224,19 @@ class VAEConfig(Section):
     top_latent_dim: int = setting(50, integer(1))
 
 
+#: Burda et al. (2015)'s networks: one stochastic layer (two deterministic layers of 200 tanh
+#: units, 50 latent units) and two (784-200-200-100 then 100-100-50, mirrored).
+BURDA_ONE_LAYER = VAEConfig(hidden_sizes=(200, 200), latent_dim=50, activation="tanh")
+BURDA_TWO_LAYER = VAEConfig(
+    architecture="mlp2",
+    hidden_sizes=(200, 200),
+    latent_dim=100,
+    activation="tanh",
+    top_hidden_sizes=(100, 100),
+    top_latent_dim=50,
+)
+
+
 @dataclass(frozen=True)
 class TrainConfig(Section):
     """How to train; the model's shape lives in VAEConfig, kept apart on purpose."""

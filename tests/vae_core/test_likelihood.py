@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vae_core.config import BURDA_ONE_LAYER, BURDA_TWO_LAYER
 from vae_core.evaluation.likelihood import (
     active_units,
     bits_per_dim,
@@ -199,16 +200,6 @@ def test_bits_per_dim_converts_nats_per_image():
 
 
 # --------------------------------------------------------------------------- the CPU fast path
-
-BURDA_ONE_LAYER = VAEConfig(hidden_sizes=(200, 200), latent_dim=50, activation="tanh")
-BURDA_TWO_LAYER = VAEConfig(
-    architecture="mlp2",
-    hidden_sizes=(200, 200),
-    latent_dim=100,
-    activation="tanh",
-    top_hidden_sizes=(100, 100),
-    top_latent_dim=50,
-)
 
 
 def _float64_iwae(model: nn.Module, x: torch.Tensor, k: int, seed: int) -> np.ndarray:
