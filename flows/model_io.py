@@ -1,17 +1,17 @@
-"""The VAE as an MLflow model: logged pickle-free, rebuilt anywhere without unpickling.
+"""The VAE as an MLflow model: logged pickle-free, served with five methods, rebuilt anywhere.
 
-One MLflow model artifact holds two things:
-- `data/model.pt2`: a torch.export program of a deterministic CPU wrapper whose `forward` maps
-  an image batch (B, 1, 28, 28) float32 in [0, 1] to its reconstruction (the decoder mean at
-  z = mu). It loads with `mlflow.pytorch.load_model` or `mlflow.pyfunc.load_model`, with no
-  project code, but it is only `forward`: it cannot sample.
-- `extra_files/model.safetensors` + `extra_files/model_config.json`: the weights and the config
-  of the full VAE, so `load_vae` can rebuild it (sampling needs the decoder). The MLmodel
-  metadata names both files and the weights' sha256.
+The model is a pyfunc logged as code (MLflow's models-from-code): `flows/served_model.py` is
+copied into the model beside two plain files, `artifacts/model.safetensors` (the weights) and
+`artifacts/model_config.json` (the network and the data variant it was trained on). Serving it
+(`mlflow models serve -m models:/mnist-vae@champion`) answers reconstruct, encode, decode,
+sample and log_likelihood requests (see that file); `load_vae` rebuilds the full VAE from the
+two files without running the served code. vae_core travels with the model as code, so the
+model needs only the pip requirements it lists.
 
 Nothing here unpickles: safetensors is a flat tensor format, a `.pt` weights file is read with
 `torch.load(weights_only=True)`, and a pickle-flavoured MLflow model is refused unless the
-caller passes `allow_pickle=True`.
+caller passes `allow_pickle=True`. Versions logged before the served model (a pt2 program with
+`extra_files/`) still load.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ParamSchema, ParamSpec
 from safetensors.torch import load_file, save_file
-from torch import nn
 
+import vae_core
+from flows import served_model
 from vae_core.errors import VaeError
 from vae_core.models.vae import VAE
 from vae_core.training.checkpoint import (
@@ -47,21 +48,21 @@ from vae_core.training.checkpoint import (
     rebuild_vae,
 )
 
-IMAGE_SHAPE = (1, 28, 28)
+IMAGE_SHAPE = served_model.IMAGE_SHAPE
 SAFETENSORS_NAME = "model.safetensors"
-EXTRA_DIR = "extra_files"
-EXAMPLE_BATCH = 2  # torch.export makes a size-1 batch static: the example must be larger.
+ARTIFACTS_DIR = "artifacts"  # where a pyfunc keeps its artifacts inside the model folder
+EXTRA_DIR = "extra_files"  # where the earlier pt2 format kept them
+EXAMPLE_BATCH = 2
 EXAMPLE_SEED = 0
+SERVED_CODE = Path(served_model.__file__)
 
 # Keys in the MLmodel `metadata` block; other code (and people) read them.
 META_WEIGHTS = "vae_weights"
 META_CONFIG = "vae_config"
 META_SHA256 = "vae_weights_sha256"
 META_FORMAT = "vae_weights_format"
-META_FORWARD = "vae_forward"
+META_METHODS = "vae_methods"
 META_DATA_VARIANT = "vae_data_variant"
-
-FORWARD_DOC = "reconstruction: decoder mean at z = mu; input (B, 1, 28, 28) float32 in [0, 1]"
 
 
 class ModelLoadError(VaeError, RuntimeError):
@@ -72,31 +73,26 @@ class UnsafeModelError(ModelLoadError):
     """Loading would unpickle arbitrary objects, which can run code."""
 
 
-class ReconstructionModule(nn.Module):
-    """What the pt2 export traces: the VAE's deterministic `forward` on CPU in float32.
-
-    A separate module (not the VAE itself) so the exported graph is exactly this one mapping,
-    whatever methods the VAE grows later.
-    """
-
-    def __init__(self, vae: VAE):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae(x).float()
-
-
-def image_signature() -> ModelSignature:
-    """Tensor signature, dynamic batch: pt2 needs a TensorSpec input to know what to export."""
-    spec = TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))
-    return ModelSignature(inputs=Schema([spec]), outputs=Schema([spec]))
+def served_signature() -> ModelSignature:
+    """Params only: the inputs differ by method (images, codes, nothing), so the served code
+    checks them itself and names the field in its 400s; MLflow checks the params' types."""
+    return ModelSignature(
+        params=ParamSchema(
+            [
+                ParamSpec("method", "string", "reconstruct"),
+                ParamSpec("n", "long", 16),
+                ParamSpec("k", "long", 100),
+                ParamSpec("seed", "long", 0),
+            ]
+        )
+    )
 
 
 def default_input_example() -> np.ndarray:
-    """A seeded batch of EXAMPLE_BATCH images in [0, 1]: the same bytes on every machine."""
+    """A seeded batch of EXAMPLE_BATCH binary images, the same bytes on every machine: the
+    model's `serving_input_example.json`, a request body every image method accepts."""
     rng = np.random.default_rng(EXAMPLE_SEED)
-    return rng.random((EXAMPLE_BATCH, *IMAGE_SHAPE), dtype=np.float32)
+    return (rng.random((EXAMPLE_BATCH, *IMAGE_SHAPE)) < 0.2).astype(np.float32)
 
 
 def _sha256(path: Path) -> str:
@@ -125,51 +121,45 @@ def _rebuild(weights_path: Path, config_path: Path) -> tuple[VAE, dict[str, Any]
 def _pip_requirements() -> list[str]:
     """Pinned from the installed distributions (torch.__version__ carries a +cuXXX suffix that
     pip cannot match), and given explicitly so MLflow skips its slow requirement inference."""
-    return [f"{dist}=={importlib.metadata.version(dist)}" for dist in ("torch", "safetensors")]
+    names = ("torch", "torchvision", "numpy", "safetensors")
+    return [f"{dist}=={importlib.metadata.version(dist)}" for dist in names]
 
 
 def log_vae(
     vae: VAE, data_variant: str, name: str = "model", input_example: np.ndarray | None = None
 ) -> ModelInfo:
-    """Log a trained VAE to the active MLflow run (the caller's model is left as it was).
-
-    The pt2 program serves reconstructions; the safetensors weights and the config beside it
-    (with the data variant it was trained on) rebuild the full VAE (`load_vae`).
-    `input_example` must be a batch of at least two images; by default a seeded random batch.
-    """
+    """Log a trained VAE to the active MLflow run as the served model (the caller's model is
+    left as it was). `input_example`: a batch of images; by default a seeded random pair."""
     if mlflow.active_run() is None:
         raise RuntimeError("log_vae: expected an active MLflow run (mlflow.start_run), found none")
     vae = copy.deepcopy(vae).cpu().float().eval()
     config = vae.config.to_dict() | {"data_variant": data_variant}
     example = default_input_example() if input_example is None else np.asarray(input_example)
-    if example.shape[1:] != IMAGE_SHAPE or len(example) < EXAMPLE_BATCH:
-        raise ValueError(
-            f"input_example: expected shape (B >= {EXAMPLE_BATCH}, 1, 28, 28), "
-            f"found {example.shape}"
-        )
-    example = example.astype(np.float32)
+    if example.shape[1:] != IMAGE_SHAPE or len(example) < 1:
+        raise ValueError(f"input_example: expected shape (B, 1, 28, 28), found {example.shape}")
     with tempfile.TemporaryDirectory() as tmp:
         st_path = Path(tmp) / SAFETENSORS_NAME
         save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(st_path))
         cfg_path = Path(tmp) / MODEL_CONFIG_NAME
         cfg_path.write_text(json.dumps(config, indent=2) + "\n")
         metadata = {
-            META_WEIGHTS: f"{EXTRA_DIR}/{SAFETENSORS_NAME}",
-            META_CONFIG: f"{EXTRA_DIR}/{MODEL_CONFIG_NAME}",
+            META_WEIGHTS: f"{ARTIFACTS_DIR}/{SAFETENSORS_NAME}",
+            META_CONFIG: f"{ARTIFACTS_DIR}/{MODEL_CONFIG_NAME}",
             META_SHA256: _sha256(st_path),
             META_FORMAT: "safetensors",
-            META_FORWARD: FORWARD_DOC,
-            META_DATA_VARIANT: str(config.get("data_variant", "unknown")),
+            META_METHODS: ", ".join(served_model.METHODS),
+            META_DATA_VARIANT: data_variant,
         }
-        # A numpy example (not a tensor) keeps the pyfunc flavour: MLflow drops pyfunc for pt2
-        # models whose example is a torch.Tensor.
-        return mlflow.pytorch.log_model(
-            ReconstructionModule(vae).eval(),
+        return mlflow.pyfunc.log_model(
             name=name,
-            serialization_format="pt2",
-            input_example=example,
-            signature=image_signature(),
-            extra_files=[str(st_path), str(cfg_path)],
+            python_model=str(SERVED_CODE),
+            artifacts={
+                served_model.WEIGHTS_ARTIFACT: str(st_path),
+                served_model.CONFIG_ARTIFACT: str(cfg_path),
+            },
+            code_paths=[str(Path(vae_core.__file__).parent)],
+            signature=served_signature(),
+            input_example=(example.astype(np.float32), {"method": "reconstruct"}),
             metadata=metadata,
             pip_requirements=_pip_requirements(),
         )
@@ -206,10 +196,10 @@ def _locate_weights(root: Path, mlmodel: Model) -> tuple[Path, Path] | None:
         if expected and _sha256(weights) != expected:
             raise ModelLoadError(f"{weights}: sha256 differs from the one recorded at logging")
         return weights, config
-    extra = root / EXTRA_DIR
-    for weights_name in (SAFETENSORS_NAME, MODEL_WEIGHTS_NAME):
-        if (extra / weights_name).is_file() and (extra / MODEL_CONFIG_NAME).is_file():
-            return extra / weights_name, extra / MODEL_CONFIG_NAME
+    for folder in (root / ARTIFACTS_DIR, root / EXTRA_DIR):
+        for weights_name in (SAFETENSORS_NAME, MODEL_WEIGHTS_NAME):
+            if (folder / weights_name).is_file() and (folder / MODEL_CONFIG_NAME).is_file():
+                return folder / weights_name, folder / MODEL_CONFIG_NAME
     return None
 
 
@@ -254,8 +244,8 @@ def load_vae_with_config(
                 return _load_pickled(root)
             raise ModelLoadError(
                 f"{model_uri}: no VAE weights and config beside the model (expected "
-                f"{EXTRA_DIR}/{SAFETENSORS_NAME} and {EXTRA_DIR}/{MODEL_CONFIG_NAME}); a pt2 "
-                "program alone holds only `forward` and cannot rebuild the VAE"
+                f"{ARTIFACTS_DIR}/{SAFETENSORS_NAME} and {ARTIFACTS_DIR}/{MODEL_CONFIG_NAME}, "
+                "named in the MLmodel metadata)"
             )
     except MlflowException as exc:
         raise ModelLoadError(f"{model_uri}: {exc.message}") from exc
@@ -269,23 +259,25 @@ def load_vae(model_uri: str, *, allow_pickle: bool = False, dst_path: Path | Non
 def verify_logged_model(
     model_uri: str, x: torch.Tensor | None = None, atol: float = 1e-5
 ) -> dict[str, float]:
-    """Check the pt2 program (torch and pyfunc flavours) reconstructs like the rebuilt VAE.
+    """Check the served model (loaded as MLflow's pyfunc, i.e. running the logged code) agrees
+    with the VAE rebuilt from its files: reconstructions and encodings.
 
-    Returns the largest absolute differences; raises ModelLoadError beyond `atol`. The pt2
-    program is pinned to CPU, so pyfunc is loaded with device=cpu even where CUDA exists.
+    Returns the largest absolute differences; raises ModelLoadError beyond `atol`.
     """
     vae = load_vae(model_uri)
     if x is None:
         x = torch.from_numpy(default_input_example())
     x = x.detach().cpu().float()
     with torch.no_grad():
-        expected = vae(x)
-        exported = mlflow.pytorch.load_model(model_uri)
-        torch_diff = float((exported(x) - expected).abs().max())
-    pyfunc = mlflow.pyfunc.load_model(model_uri, model_config={"device": "cpu"})
-    pyfunc_out = torch.from_numpy(np.asarray(pyfunc.predict(x.numpy()), dtype=np.float32))
-    pyfunc_diff = float((pyfunc_out - expected).abs().max())
-    diffs = {"pt2_max_abs_diff": torch_diff, "pyfunc_max_abs_diff": pyfunc_diff}
+        expected_images = vae(x)
+        expected_mu, _ = vae.encode(x)
+    served = mlflow.pyfunc.load_model(model_uri)
+    images = np.asarray(served.predict(x.numpy()), dtype=np.float32)
+    codes = served.predict(x.numpy(), params={"method": "encode"})
+    diffs = {
+        "reconstruct_max_abs_diff": float(np.abs(images - expected_images.numpy()).max()),
+        "encode_max_abs_diff": float(np.abs(codes["mu"] - expected_mu.numpy()).max()),
+    }
     if not max(diffs.values()) <= atol:
-        raise ModelLoadError(f"{model_uri}: logged program disagrees with the VAE: {diffs}")
+        raise ModelLoadError(f"{model_uri}: the served model disagrees with the VAE: {diffs}")
     return diffs

@@ -21,7 +21,7 @@ from prefect.artifacts import (
 )
 from prefect.tasks import exponential_backoff
 
-from flows import dvc_runner, tracking, workspace
+from flows import dvc_runner, run_record, tracking, workspace
 from flows.lineage import data_lineage
 from flows.params import Params, load_params
 
@@ -54,11 +54,11 @@ def prepare_data(workdir: str, dataset: str) -> dict:
 
 @task
 def train_model(workdir: str, params: Params, run_id: str, tracking_uri: str) -> dict:
-    """Train in-process, streaming per-epoch metrics to MLflow and a Prefect progress bar,
-    then log the model (pickle-free) to the run, ready to register."""
+    """Train in-process, streaming per-epoch figures and sample images to MLflow and a Prefect
+    progress bar, then log the model (pickle-free) to the run, ready to register."""
     from flows.model_io import log_vae
     from vae_core.data import load_processed
-    from vae_core.training import run_training
+    from vae_core.training import initial_model, run_training
 
     logger = get_run_logger()
     client = tracking.connect(tracking_uri)
@@ -80,27 +80,57 @@ def train_model(workdir: str, params: Params, run_id: str, tracking_uri: str) ->
             metrics["samples_per_second"],
         )
 
+    t = params.train
+    model = initial_model(params.model, t)
+    images = tracking.ImageLogger(
+        client,
+        run_id,
+        model,
+        _shown_validation_images(splits, t.data_variant, t.seed),
+        every=tracking.ImageLogger.interval(epochs),
+        seed=t.seed,
+    )
+    epoch_logger = tracking.EpochLogger(
+        client, run_id, run_record.objective_is_elbo(t.objective, t.beta, t.warmup_epochs)
+    )
     out_dir = workspace.run_dir(root, run_id) / "train"
     # The run is active while training, so MLflow samples system metrics meanwhile.
     with tracking.active_run(run_id, system_metrics=True):
         outcome = run_training(
             splits,
             params.model,
-            params.train,
+            t,
             out_dir,
-            callbacks=[tracking.EpochLogger(client, run_id), report],
+            callbacks=[epoch_logger, images, report],
             progress=False,
+            model=model,
         )
-        info = log_vae(outcome.model, params.train.data_variant, name="model")
+        info = log_vae(outcome.model, t.data_variant, name="model")
     update_progress_artifact(progress_id, 100.0)
+    images.log(int(outcome.metrics["best_epoch"]))  # the weights kept: the best epoch's
     if outcome.history:
         client.log_figure(run_id, tracking.loss_curve(outcome.history), "loss_curve.png")
-    tracking.log_flat_metrics(client, run_id, outcome.metrics, prefix="train.")
+    tracking.log_figures(client, run_id, run_record.training_figures(outcome.metrics))
+    for flag in run_record.STOP_FLAGS:
+        client.set_tag(run_id, f"train.{flag}", str(bool(outcome.metrics[flag])).lower())
     return {
         "model_dir": str(out_dir / "model"),
         "model_uri": info.model_uri,
         "metrics": outcome.metrics,
     }
+
+
+def _shown_validation_images(splits: Any, data_variant: str, seed: int) -> Any:
+    """The validation images the reconstructions show, as the model sees them (one fixed
+    binarization for the binarized variant)."""
+    import torch
+
+    from vae_core.training import to_unit_float
+
+    x = to_unit_float(splits.val_images[: tracking.IMAGE_RECONSTRUCTIONS])
+    if data_variant == "binarized":
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
+    return x
 
 
 @task
@@ -124,16 +154,22 @@ def evaluate(workdir: str, params: Params, run_id: str, tracking_uri: str, model
         params.evaluate,
         classifier=classifier,
     )
-    tracking.log_flat_metrics(client, run_id, metrics)
+    tracking.log_figures(client, run_id, run_record.evaluation_figures(metrics))
     client.log_artifacts(run_id, str(out_dir), "evaluation")
-    for png in sorted(out_dir.glob("*.png")):
-        client.log_artifact(run_id, str(png), "images")
     return {"eval_dir": str(out_dir), "metrics": metrics}
 
 
 @task
-def register(params: Params, run_id: str, tracking_uri: str, model_uri: str, tags: dict) -> dict:
-    """Register the run's logged model as a new version aliased `challenger`."""
+def register(
+    params: Params,
+    run_id: str,
+    tracking_uri: str,
+    model_uri: str,
+    tags: dict,
+    figures: dict[str, float] | None = None,
+) -> dict:
+    """Register the run's logged model as a new version aliased `challenger`; its description
+    names the run and shows the headline figures."""
     from flows.registry import register_version, registered_model_name
 
     tracking.connect(tracking_uri)
@@ -143,7 +179,7 @@ def register(params: Params, run_id: str, tracking_uri: str, model_uri: str, tag
         name,
         "model",
         tags,
-        description=f"Trained by MLflow run {run_id}; data md5 {tags.get('dvc.processed_md5')}.",
+        description=version_description(run_id, tags.get("dvc.processed_md5"), figures or {}),
         model_uri=model_uri,
         actor=tracking.prefect_actor(),
     )
@@ -163,32 +199,64 @@ def promote(
     return gate_and_apply(client, name, version, Path(eval_dir), processed, params, actor)
 
 
-def headline_tags(metrics: dict) -> dict[str, str]:
-    """The figures a registry page shows at a glance, as version tags."""
-    return {
-        f"metric.{k}": f"{v:.4f}"
-        for k, v in metrics.items()
-        if k in ("test_neg_elbo", "test_nll_iwae", "best_val_neg_elbo") and isinstance(v, float)
-    }
+def headline_tags(figures: dict[str, float]) -> dict[str, str]:
+    """The figures a registry page shows at a glance, as version tags `metric.<figure>`."""
+    return {f"metric.{k}": f"{figures[k]:.4f}" for k in run_record.HEADLINE if k in figures}
 
 
-def _summary(params: Params, out: dict[str, Any]) -> str:
+def version_description(run_id: str, data_md5: str | None, figures: dict[str, float]) -> str:
+    """A model version's description (Markdown): where it came from and its headline figures."""
+    rows = [f"| `{k}` | {figures[k]:.2f} |" for k in run_record.HEADLINE if k in figures]
+    table = ["", "| figure | nats per image |", "| --- | --- |", *rows] if rows else []
+    return "\n".join(
+        [
+            f"Trained by MLflow run `{run_id}` on processed data md5 `{data_md5}`. What each "
+            "figure is (data variant, estimator, k): the run's description.",
+            *table,
+        ]
+    )
+
+
+def _summary(out: dict[str, Any], links: dict[str, str]) -> str:
+    """The flow run's summary artifact: the headline figures, with links to MLflow."""
     m, train, reg, gate = out["ev"]["metrics"], out["train"]["metrics"], out["reg"], out["gate"]
+    figures = out["figures"]
     rows = [
-        ("test -ELBO (nats/image)", f"{m.get('test_neg_elbo', float('nan')):.2f}"),
-        ("data variant", str(m.get("data_variant", params.train.data_variant))),
+        (f"`{k}` (nats per image)", f"{figures[k]:.2f}")
+        for k in run_record.HEADLINE
+        if k in figures
     ]
-    if "test_nll_iwae" in m:
-        rows.append((f"test NLL, IWAE k={m.get('iwae_k')}", f"{m['test_nll_iwae']:.2f}"))
     rows += [
-        ("epochs", str(train["epochs"])),
+        ("data variant", str(m.get("data_variant_label", m.get("data_variant", "?")))),
+        ("test NLL estimator", str(m.get("test_nll_iwae_estimator", "not a likelihood"))),
+        ("epochs (best)", f"{train['epochs']} ({train['best_epoch']})"),
         ("train images/s", f"{train['train_samples_per_second']:.0f}"),
-        ("MLflow run", out["run_id"]),
-        ("model version", f"{reg['name']} v{reg['version']}"),
+        ("MLflow run", f"[{out['run_id']}]({links['run']})"),
+        ("model version", f"[{reg['name']} v{reg['version']}]({links['version']})"),
         ("promotion", f"{gate.get('decision', '?')}: {gate.get('reason', '')}"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"# VAE training pipeline\n\n| what | value |\n| --- | --- |\n{table}\n"
+
+
+def _publish(out: dict[str, Any], client: MlflowClient) -> None:
+    """Prefect artifacts of a finished run: the summary table and the evaluation images, which
+    the Prefect UI loads from the MLflow server (the link works while the MLflow UI runs)."""
+    from prefect.artifacts import create_image_artifact
+
+    reg = out["reg"]
+    links = tracking.ui_links(client, out["run_id"], reg["name"], reg["version"])
+    create_markdown_artifact(
+        _summary(out, links),
+        key="training-pipeline-summary",
+        description="headline figures, promotion decision, MLflow run and version",
+    )
+    for name in ("samples", "reconstructions"):
+        create_image_artifact(
+            image_url=tracking.artifact_url(links["base"], out["run_id"], f"evaluation/{name}.png"),
+            key=f"evaluation-{name}",
+            description=f"{name}.png of MLflow run {out['run_id']}",
+        )
 
 
 def _train_evaluate_register(
@@ -211,15 +279,27 @@ def _train_evaluate_register(
         tracking.log_dataset(run_id, lineage, workspace.processed_dir(root, dataset), dataset)
         train = train_model(str(root), params, run_id, uri)
         ev = evaluate(str(root), params, run_id, uri, train["model_dir"])
-        version_tags = tags | headline_tags(ev["metrics"]) | {"mlflow.run_id": run_id}
-        reg = register(params, run_id, uri, train["model_uri"], version_tags)
+        figures = run_record.training_figures(train["metrics"]) | run_record.evaluation_figures(
+            ev["metrics"]
+        )
+        description = run_record.description(train["metrics"], ev["metrics"], figures)
+        tracking.set_description(client, run_id, description)
+        version_tags = tags | headline_tags(figures) | {"mlflow.run_id": run_id}
+        reg = register(params, run_id, uri, train["model_uri"], version_tags, figures)
         gate = promote(str(root), params, uri, reg["name"], reg["version"], ev["eval_dir"])
     except BaseException as exc:
         tracking.mark_failed(client, run_id, exc)
         raise
     client.set_tag(run_id, "gate.decision", gate.get("decision", ""))
     client.set_terminated(run_id, "FINISHED")
-    return {"run_id": run_id, "train": train, "ev": ev, "reg": reg, "gate": gate}
+    return {
+        "run_id": run_id,
+        "train": train,
+        "ev": ev,
+        "reg": reg,
+        "gate": gate,
+        "figures": figures,
+    }
 
 
 def _up_to_date(name: str, version: str, match: dict[str, str]) -> dict[str, Any]:
@@ -275,11 +355,7 @@ def training_pipeline(
             emit_model_event("vae.model.up-to-date", name, match, made_from)
             return result
         out = _train_evaluate_register(root, params, overrides, client, lineage)
-    create_markdown_artifact(
-        _summary(params, out),
-        key="training-pipeline-summary",
-        description="metrics, promotion decision, MLflow run and version",
-    )
+    _publish(out, client)
     reg, gate = out["reg"], out["gate"]
     logger.info(
         "run %s registered %s v%s: %s", out["run_id"], reg["name"], reg["version"], gate["decision"]

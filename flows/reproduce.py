@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vae_core.config import BURDA_ONE_LAYER, BURDA_TWO_LAYER, TrainConfig, VAEConfig
 from vae_core.errors import VaeError
@@ -429,7 +429,7 @@ def run_row(
     """Train, evaluate and log one row as one MLflow run (FAILED with the reason if it fails)."""
     import torch
 
-    from flows import tracking
+    from flows import run_record, tracking
     from vae_core.evaluation.likelihood import iwae_nll
     from vae_core.training.run import VARIANT_LABELS, run_training
 
@@ -472,7 +472,13 @@ def run_row(
             row.model,
             cfg,
             s.out_dir / "rows" / row.name,
-            callbacks=[tracking.EpochLogger(s.client, run_id)],
+            callbacks=[
+                tracking.EpochLogger(
+                    s.client,
+                    run_id,
+                    run_record.objective_is_elbo(cfg.objective, cfg.beta, cfg.warmup_epochs),
+                )
+            ],
             resume=False,  # a schedule fitted to this budget must not continue an older one
             progress=False,
         )
@@ -483,23 +489,20 @@ def run_row(
         nll = iwae_nll(model, x, s.test_k, test_size=s.test_size, seed=SEED)
         eval_s = time.perf_counter() - start
         units = _count_active_units(model, x)
-        metrics: dict[str, Any] = {
-            "test_nll": nll.mean,
-            "test_nll_stderr": nll.stderr,
-            **units,
-            "epochs": outcome.metrics["epochs"],
-            "best_epoch": outcome.metrics["best_epoch"],
-            "best_val_neg_elbo": outcome.metrics["best_val_neg_elbo"],
-            "train_seconds": train_s,
-            "eval_seconds": eval_s,
-            "train_samples_per_second": outcome.metrics["train_samples_per_second"],
-            "stopped_by_time": outcome.metrics["stopped_by_time"],
-            "stopped_early": outcome.metrics["stopped_early"],
-            "device": device,
+        figures = {
+            "test/nll_iwae": nll.mean,
+            "test/nll_iwae_stderr": nll.stderr,
+            **{f"test/{k}": float(v) for k, v in units.items()},
+            **run_record.training_figures(outcome.metrics),
+            "train/seconds": train_s,
+            "eval/seconds": eval_s,
         }
+        tracking.log_figures(s.client, run_id, figures)
+        flags = {f"train.{k}": str(outcome.metrics[k]).lower() for k in run_record.STOP_FLAGS}
         if row.burda_nll is not None:
-            metrics["burda2015_nll"] = row.burda_nll
-        tracking.log_flat_metrics(s.client, run_id, metrics)
+            flags["reference.burda2015_nll"] = f"{row.burda_nll:.2f}"
+        for key, value in (flags | {"device": device}).items():
+            s.client.set_tag(run_id, key, value)
         s.client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
         tracking.mark_failed(s.client, run_id, exc)

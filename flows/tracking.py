@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from flows import run_record
 from flows.lineage import model_code_hash
 from vae_core.errors import VaeError
 
@@ -30,6 +31,13 @@ ARTIFACT_ROOT = "mlruns"
 
 
 ENV_URI = "MLFLOW_TRACKING_URI"
+# MLflow's UI opens an experiment by its kind; this one is model training, not GenAI.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# Training images: IMAGE_SAMPLES decoded fixed codes and IMAGE_RECONSTRUCTIONS validation
+# images, about IMAGE_STEPS times per run.
+IMAGE_SAMPLES, IMAGE_RECONSTRUCTIONS, IMAGE_STEPS = 64, 16, 20
+UI_URL_ENV, DEFAULT_UI_URL = "MLFLOW_UI_URL", "http://127.0.0.1:5000"
 
 
 class TrackingUnavailable(VaeError, RuntimeError):
@@ -105,14 +113,50 @@ def experiment_name(dataset: str) -> str:
 
 
 def ensure_experiment(client: MlflowClient, dataset: str, workdir: Path) -> str:
-    """One experiment per dataset; with a local backend its artifacts live under ./mlruns."""
+    """One experiment per dataset, marked as model training so the UI opens on its runs; with a
+    local backend its artifacts live under ./mlruns."""
     name = experiment_name(dataset)
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older version
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     local = client.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in client.tracking_uri
     location = (Path(workdir).resolve() / ARTIFACT_ROOT).as_uri() if local else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
+
+
+def ui_base(tracking_uri: str) -> str:
+    """Where people open the MLflow UI: the tracking server itself (without credentials), or,
+    for a local database, MLFLOW_UI_URL (default: the MLflow UI address the README starts)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if tracking_uri.startswith(("http://", "https://")):
+        parts = urlsplit(tracking_uri)
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
+    return os.environ.get(UI_URL_ENV, DEFAULT_UI_URL).rstrip("/")
+
+
+def ui_links(client: MlflowClient, run_id: str, name: str, version: str) -> dict[str, str]:
+    """MLflow UI addresses of a run and a model version."""
+    base = ui_base(client.tracking_uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    return {
+        "base": base,
+        "run": f"{base}/#/experiments/{experiment_id}/runs/{run_id}",
+        "version": f"{base}/#/models/{name}/versions/{version}",
+    }
+
+
+def artifact_url(base: str, run_id: str, path: str) -> str:
+    """The MLflow server's address of one run artifact (what its UI loads images from)."""
+    from urllib.parse import urlencode
+
+    return f"{base}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id})}"
 
 
 def git_state(workdir: Path) -> dict[str, str]:
@@ -179,32 +223,86 @@ def log_params(client: MlflowClient, run_id: str, flat_params: dict[str, Any]) -
 
 
 class EpochLogger:
-    """Trainer callback: per-epoch metrics to MLflow with the epoch as the step."""
+    """Trainer callback: each epoch's figures to MLflow (run_record's names, step = epoch).
 
-    def __init__(self, client: MlflowClient, run_id: str):
-        self.client, self.run_id = client, run_id
+    `objective_is_elbo`: the training loss is the -ELBO already logged as train/neg_elbo, so
+    it is not logged a second time."""
+
+    def __init__(self, client: MlflowClient, run_id: str, objective_is_elbo: bool = True):
+        self.client, self.run_id, self.objective_is_elbo = client, run_id, objective_is_elbo
 
     def __call__(self, metrics: dict) -> None:
-        from mlflow.entities import Metric
+        log_figures(
+            self.client,
+            self.run_id,
+            run_record.epoch_figures(metrics, self.objective_is_elbo),
+            step=int(metrics["epoch"]),
+        )
 
-        step = int(metrics["epoch"])
-        stamp = int(time.time() * 1000)
-        batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if k != "epoch"]
-        self.client.log_batch(self.run_id, metrics=batch)
+
+class ImageLogger:
+    """Trainer callback: a sample grid (fixed z) and reconstructions (fixed validation
+    images) as MLflow images every `every` epochs, step = epoch, so the UI shows how a run's
+    samples improve and sets runs' samples side by side."""
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        model: Any,
+        val_images: Any,
+        every: int,
+        seed: int = 0,
+    ):
+        import torch
+
+        self.client, self.run_id, self.model, self.every = client, run_id, model, max(1, every)
+        gen = torch.Generator().manual_seed(seed)
+        self.z = torch.randn(IMAGE_SAMPLES, model.latent_dim, generator=gen)
+        self.val_images = val_images[:IMAGE_RECONSTRUCTIONS]
+        self.logged: set[int] = set()
+
+    @staticmethod
+    def interval(epochs: int) -> int:
+        """About IMAGE_STEPS images per key over a full run."""
+        return max(1, round(epochs / IMAGE_STEPS))
+
+    def __call__(self, metrics: dict) -> None:
+        epoch = int(metrics["epoch"])
+        if epoch == 1 or epoch % self.every == 0:
+            self.log(epoch)
+
+    def log(self, step: int) -> None:
+        """Log both grids at `step` (once per step)."""
+        from vae_core.evaluation.images import decoded_grid, grid_image, reconstruction_rows
+
+        if step in self.logged:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            samples = decoded_grid(self.model, self.z).numpy()
+            recon = grid_image(reconstruction_rows(self.model, self.val_images)).numpy()
+        finally:
+            self.model.train(was_training)
+        self.client.log_image(self.run_id, samples, key="samples", step=step)
+        self.client.log_image(self.run_id, recon, key="reconstructions", step=step)
+        self.logged.add(step)
 
 
-def log_flat_metrics(client: MlflowClient, run_id: str, metrics: dict, prefix: str = "") -> None:
-    """Numbers become metrics; strings (labels of data variant and estimator) become tags."""
-    from mlflow.entities import Metric, RunTag
+def log_figures(client: MlflowClient, run_id: str, figures: dict[str, float], step: int = 0):
+    """Figures (already under their MLflow names) as metrics, in one batch."""
+    from mlflow.entities import Metric
 
     stamp = int(time.time() * 1000)
-    numbers, labels = [], []
-    for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            labels.append(RunTag(f"{prefix}{key}", str(value)[:5000]))
-        else:
-            numbers.append(Metric(f"{prefix}{key}", float(value), stamp, 0))
-    client.log_batch(run_id, metrics=numbers, tags=labels)
+    batch = [Metric(k, float(v), stamp, step) for k, v in figures.items()]
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i : i + 1000])
+
+
+def set_description(client: MlflowClient, run_id: str, markdown: str) -> None:
+    """The run's description in the MLflow UI (rendered as Markdown)."""
+    client.set_tag(run_id, "mlflow.note.content", markdown)
 
 
 def loss_curve(history: list[dict]):

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import tracking, workspace
+from flows import run_record, tracking, workspace
 from flows.params import Params, load_params, yaml_scalar
 from flows.pipeline import evaluate, fetch_data, prepare_data, promote, register, train_model
 from flows.sweep.spec import SELECTABLE_METRICS, TEST_FIGURES, SweepError, SweepSpec, load_sweep
@@ -26,12 +26,12 @@ from flows.sweep.trials import Trial, expand_trials, plan_trials, same_family, s
 TAG_KEY, TAG_TRIAL_KEY, TAG_COMPLETE = "sweep.key", "sweep.trial_key", "sweep.complete"
 #: Summary columns: (column, metric key in every child run).
 TABLE_METRICS = {name: key for name, (key, _) in SELECTABLE_METRICS.items()} | {
-    **{name: name for name in TEST_FIGURES},  # reported beside, never chosen by
-    "sq_ref_fd": "sq_ref_fd",  # the real-versus-real reference beside sq_fd
-    "epochs": "train.epochs",
-    "images_per_s": "train.train_samples_per_second",
+    **{name: run_record.figure_name(name) for name in TEST_FIGURES},  # never chosen by
+    "sq_ref_fd": run_record.figure_name("sq_ref_fd"),  # real-versus-real beside sq_fd
+    "epochs": run_record.TRAIN_FIGURES["epochs"],
+    "images_per_s": run_record.TRAIN_FIGURES["train_samples_per_second"],
 }
-HEADLINE = ("test_neg_elbo", "test_nll_iwae", "val_neg_elbo")  # version tags metric.*
+HEADLINE = ("test_neg_elbo", "test_nll_iwae", "val_neg_elbo")  # version tags metric.<figure>
 REUSED = ("done", "keep-failed")  # what plan_trials says of trials read back, not run
 
 
@@ -264,9 +264,10 @@ def _register_and_gate(client: MlflowClient, ctx: dict, trial: Trial, row: dict)
     client.set_tag(parent_id, "sweep.best_trial", trial.label)
     run_tags = client.get_run(run_id).data.tags  # the trial's lineage, as a pipeline run has
     tags = {k: v for k, v in run_tags.items() if not k.startswith("mlflow.")}
-    tags |= {f"metric.{k}": f"{row[k]:.4f}" for k in HEADLINE if row[k] is not None}
+    tags |= {f"metric.{TABLE_METRICS[k]}": f"{row[k]:.4f}" for k in HEADLINE if row[k] is not None}
     tags |= {"mlflow.run_id": run_id, "sweep.parent_run_id": parent_id}
-    model = register(trial.params, run_id, uri, run_tags["sweep.model_uri"], tags)
+    figures = client.get_run(run_id).data.metrics
+    model = register(trial.params, run_id, uri, run_tags["sweep.model_uri"], tags, figures)
     client.set_tag(parent_id, "sweep.model_name", model["name"])
     client.set_tag(parent_id, "sweep.model_version", model["version"])
     eval_dir = _eval_dir(client, ctx["root"], run_id)
@@ -355,14 +356,15 @@ def _sweep(
         "reused": len(trials) - len(todo),
         "ran": len(todo),
     }
-    tracking.log_flat_metrics(client, parent_id, {f"sweep.{k}": v for k, v in counts.items()})
+    tracking.log_figures(client, parent_id, {f"sweep/{k}": v for k, v in counts.items()})
     client.log_text(parent_id, markdown_table(rows), "sweep_summary.md")  # should the gate fail
     index, why = choose_best(spec, trials, rows, base)
     client.set_tag(parent_id, "sweep.best_reason", why)
     model = gate = best = None
     if index is not None:
         best = rows[index]
-        tracking.log_flat_metrics(client, parent_id, {f"best.{spec.metric}": best[spec.metric]})
+        best_key = f"best/{TABLE_METRICS[spec.metric]}"
+        tracking.log_figures(client, parent_id, {best_key: best[spec.metric]})
         model, gate = _register_and_gate(client, ctx, trials[index], best)
         best["note"] = f"best: {model['name']} v{model['version']}, gate {gate['decision']}"
         headline = (

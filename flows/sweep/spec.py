@@ -23,7 +23,7 @@ SPEC_KEYS = ("name", "method", "num_trials", "seed", "metric", "parameters")
 
 #: What a sweep can pick its winner by: name -> (metric key in every child run, goal).
 SELECTABLE_METRICS: dict[str, tuple[str, str]] = {
-    "val_neg_elbo": ("train.best_val_neg_elbo", "min"),
+    "val_neg_elbo": ("val/best_neg_elbo", "min"),
 }
 #: Figures a sweep reports but must never choose by: they are measured on the test set, and
 #: choosing by them again and again would make the winner's reported figure optimistic.

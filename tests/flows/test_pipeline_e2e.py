@@ -338,46 +338,115 @@ def test_params_metrics_and_artifacts_are_logged(scenario) -> None:
     assert run.data.params["train.epochs"] == "2"
 
     # Per-epoch training curves, with the epoch as the step.
-    for key in ("train_neg_elbo", "val_neg_elbo", "val_kl"):
+    for key in ("train/neg_elbo", "val/neg_elbo", "val/kl", "schedule/lr"):
         history = client.get_metric_history(run1.run_id, key)
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2], key
         assert all(math.isfinite(m.value) for m in history)
-    # Final evaluation figures, labelled with their estimator.
+    # Final figures, each once, under the sections the MLflow charts group by.
     metrics = run.data.metrics
-    for key in ("test_neg_elbo", "test_nll_iwae", "train.best_val_neg_elbo", "train.best_epoch"):
+    for key in ("test/neg_elbo", "test/nll_iwae", "val/best_neg_elbo", "train/best_epoch"):
         assert math.isfinite(metrics[key]), key
-    # Each figure once: the test set is scored by evaluation only, never by training.
-    assert not any(k.startswith("train.test_") for k in metrics), sorted(metrics)
-    assert metrics["iwae_k"] == 5 and metrics["iwae_num_examples"] == 200
-    assert 50 < metrics["test_nll_iwae"] < 1000
-    assert "IWAE" in run.data.tags["test_nll_iwae_estimator"]
+    assert 50 < metrics["test/nll_iwae"] < 1000
     mv_tags = version_tags(scenario, "1")
-    assert mv_tags["metric.test_nll_iwae"] == f"{metrics['test_nll_iwae']:.4f}"
-
-    top = {a.path for a in client.list_artifacts(run1.run_id)}
-    assert {"images", "evaluation", "loss_curve.png"} <= top
-    images = {a.path for a in client.list_artifacts(run1.run_id, "images")}
-    assert {f"images/{n}.png" for n in ("samples", "reconstructions", "interpolation")} <= images
+    assert mv_tags["metric.test/nll_iwae"] == f"{metrics['test/nll_iwae']:.4f}"
+    artifacts = {a.path for a in client.list_artifacts(run1.run_id)}
+    assert {"images", "evaluation", "loss_curve.png"} <= artifacts
     evaluation = {a.path for a in client.list_artifacts(run1.run_id, "evaluation")}
     assert {"evaluation/metrics.json", "evaluation/samples.png"} <= evaluation
     # The artifacts are files under the workspace's mlruns/ (the local artifact root).
     assert run.info.artifact_uri.startswith((scenario.ws / "mlruns").resolve().as_uri() + "/")
     on_disk = Path(run.info.artifact_uri.removeprefix("file://"))
-    assert (on_disk / "images" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (on_disk / "evaluation" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # The pickle-free model behind the version: pt2 program + safetensors weights + config.
+
+SECTIONS = ("train/", "val/", "test/", "holdout/", "sample_quality/", "schedule/", "eval/")
+
+
+def test_settings_are_params_and_figures_are_metrics_once(scenario) -> None:
+    """The metric keys of a run of the main job: every one a figure in a section, none a
+    setting, no figure twice (the issue found `iwae_k`, `beta`, `seed` ... among the metrics
+    and two test -ELBOs)."""
+    client = scenario.client
+    run = client.get_run(scenario.run1.run_id)
+    keys = {k for k in run.data.metrics if not k.startswith("system/")}
+    assert keys and all(k.startswith(SECTIONS) for k in keys), sorted(keys)
+    # schedule/lr and schedule/kl_weight are curves (what the schedule gave each epoch, step =
+    # epoch), not the settings train.lr and train.beta they start from.
+    leaves = {k.split("/", 1)[1] for k in keys if not k.startswith("schedule/")}
+    assert {"schedule/lr", "schedule/kl_weight"} <= keys
+    settings = {k.rsplit(".", 1)[-1] for k in run.data.params}  # train.lr -> lr, ...
+    settings |= {"iwae_k", "iwae_test_size", "iwae_num_examples", "active_units_threshold"}
+    settings |= {"latent_dim", "kid_subset_size", "kid_subsets", "num_samples", "test_size"}
+    assert not leaves & (settings - {"epochs"}), sorted(leaves & settings)
+    assert "train/epochs" in keys  # the epochs run (early stopping), not the setting
+    assert [k for k in keys if "neg_elbo" in k and k.startswith("test/")] == ["test/neg_elbo"]
+    assert "train/loss" not in keys  # the ELBO objective: the loss *is* train/neg_elbo
+    assert not [k for k in keys if "label_frac" in k]
+
+
+def test_experiment_kind_and_run_description(scenario) -> None:
+    """The experiment opens on its training runs; the run says what every figure is."""
+    client = scenario.client
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.get_run(scenario.run1.run_id)
+    note = run.data.tags["mlflow.note.content"]
+    nll = run.data.metrics["test/nll_iwae"]
+    assert f"| `test/nll_iwae` | {nll:.4g} | IWAE bound with k=5 " in note
+    assert "binarized" in note and "| `test/neg_elbo` |" in note
+    # The prose that used to be tags lives there now, not as tags.
+    assert not [k for k in run.data.tags if k.endswith("_estimator") or k.startswith("png_")]
+    version = client.get_model_version(MODEL, "1")
+    assert scenario.run1.run_id in version.description
+    assert f"| `test/nll_iwae` | {nll:.2f} |" in version.description
+
+
+def _image_steps(client, run_id: str) -> dict[str, set[int]]:
+    """key -> steps of the images logged with MlflowClient.log_image(key=, step=)."""
+    steps: dict[str, set[int]] = {}
+    for artifact in client.list_artifacts(run_id, "images"):
+        name = Path(artifact.path).name
+        if name.endswith(".png"):
+            key, _, step, *_ = name.removesuffix(".png").split("+")
+            steps.setdefault(key, set()).add(int(step))
+    return steps
+
+
+def test_training_images_are_logged_with_steps(scenario) -> None:
+    """Samples of fixed z and reconstructions of fixed validation images, every few epochs
+    (every epoch of this two-epoch run), so the UI shows how they improve."""
+    steps = _image_steps(scenario.client, scenario.run1.run_id)
+    assert steps == {"samples": {1, 2}, "reconstructions": {1, 2}}
+    # The untrained run 2 (zero epochs) shows its one model, at step 0.
+    assert _image_steps(scenario.client, scenario.run2.run_id) == {
+        "samples": {0},
+        "reconstructions": {0},
+    }
+
+
+def test_the_registered_model_is_the_served_vae_logged_as_code(scenario) -> None:
+    """The version's model: this project's served-model code plus safetensors weights and
+    config, no pickle; it answers every method in-process as it would over HTTP."""
+    import mlflow
+    import numpy as np
     from mlflow.models import Model
 
+    client = scenario.client
     mv = client.get_model_version(MODEL, "1")
     assert mv.source.startswith("models:/")
-    import mlflow
-
     local = Path(mlflow.artifacts.download_artifacts(mv.source, tracking_uri=client.tracking_uri))
     model = Model.load(str(local))
     assert model.metadata["vae_weights_format"] == "safetensors"
-    assert (local / "extra_files" / "model.safetensors").is_file()
-    assert (local / "extra_files" / "model_config.json").is_file()
-    assert model.signature is not None and model.saved_input_example_info is not None
+    assert model.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert (local / "artifacts" / "model.safetensors").is_file()
+    assert (local / "artifacts" / "model_config.json").is_file()
+    assert not list(local.rglob("*.pkl")) and not list(local.rglob("*.pth"))
+    assert [p.name for p in model.signature.params.params] == ["method", "n", "k", "seed"]
+    served = mlflow.pyfunc.load_model(str(local))
+    images = served.predict(
+        np.zeros((1, 1, 28, 28), np.float32), params={"method": "sample", "n": 3}
+    )
+    assert images.shape == (3, 1, 28, 28) and 0 <= images.min() <= images.max() <= 1
 
 
 # --------------------------------------------------------------------------- Prefect
@@ -412,7 +481,13 @@ def test_prefect_flow_runs_and_artifacts(scenario) -> None:
             assert run.run_id in summary.data
             assert f"{MODEL} v{version}" in summary.data
             assert run.result["gate"]["decision"] in summary.data
-            assert "test NLL, IWAE k=5" in summary.data
+            assert "IWAE bound with k=5" in summary.data
+            nll = run.result["metrics"]["test_nll_iwae"]
+            assert f"| `test/nll_iwae` (nats per image) | {nll:.2f} |" in summary.data
+            assert f"/#/models/{MODEL}/versions/{version})" in summary.data
+            images = {a.key: a.data for a in by_type.get("image", [])}
+            assert set(images) == {"evaluation-samples", "evaluation-reconstructions"}
+            assert f"run_uuid={run.run_id}" in images["evaluation-samples"]
             (progress,) = by_type["progress"]
             assert progress.key == "training-progress"
             assert float(progress.data) == 100.0

@@ -164,19 +164,28 @@ def test_logged_model_layout_and_both_reloads(backend, logged):
     )
     files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     assert {
-        "data/model.pt2",
-        f"extra_files/{SAFETENSORS_NAME}",
-        "extra_files/model_config.json",
+        "served_model.py",
+        "code/vae_core/models/vae.py",
+        f"artifacts/{SAFETENSORS_NAME}",
+        "artifacts/model_config.json",
         "input_example.json",
+        "serving_input_example.json",
         "MLmodel",
     } <= files
-    assert not any(f.endswith((".pth", ".pkl")) for f in files)
+    assert not any(f.endswith((".pth", ".pkl", ".pt2")) for f in files)
     mlmodel = Model.load(str(root))
-    assert mlmodel.metadata["vae_weights"] == f"extra_files/{SAFETENSORS_NAME}"
-    assert tuple(mlmodel.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
-    assert "python_function" in mlmodel.flavors
-    example = json.loads((root / "input_example.json").read_text())
-    assert np.asarray(example).shape[0] >= 2
+    assert mlmodel.metadata["vae_weights"] == f"artifacts/{SAFETENSORS_NAME}"
+    assert mlmodel.metadata["vae_methods"] == "reconstruct, encode, decode, sample, log_likelihood"
+    assert mlmodel.signature.inputs is None  # each method checks its own inputs
+    assert mlmodel.signature.params.to_dict()[0] == {
+        "name": "method",
+        "type": "string",
+        "default": "reconstruct",
+        "shape": None,
+    }
+    example = json.loads((root / "serving_input_example.json").read_text())
+    assert np.asarray(example["inputs"]).shape == (2, 1, 28, 28)
+    assert example["params"] == {"method": "reconstruct"}
 
     rebuilt, config = load_vae_with_config(f"runs:/{entry['run_id']}/model")
     assert config["data_variant"] == "binarized"
@@ -184,7 +193,7 @@ def test_logged_model_layout_and_both_reloads(backend, logged):
     assert rebuilt.state_dict().keys() == original.keys()
     for key, value in rebuilt.state_dict().items():
         assert torch.equal(value, original[key]), key
-    diffs = verify_logged_model(info.model_uri)  # pt2 via mlflow.pytorch and via pyfunc
+    diffs = verify_logged_model(info.model_uri)  # the served code, loaded as a pyfunc
     assert max(diffs.values()) <= 1e-5
     assert torch.equal(
         rebuilt.sample(3, torch.Generator().manual_seed(0)),
@@ -218,7 +227,7 @@ def test_each_model_variant_is_logged_registered_and_rebuilt_without_pickle(back
     assert type(rebuilt) is type(model) and saved["architecture"] == config.architecture
     x = (torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)) < 0.2).float()
     torch.testing.assert_close(rebuilt.reconstruct(x), model.reconstruct(x))
-    assert max(verify_logged_model(info.model_uri).values()) <= 1e-5  # the pt2 forward too
+    assert max(verify_logged_model(info.model_uri).values()) <= 1e-5  # the served code too
 
 
 def test_register_two_versions(backend, logged, name):

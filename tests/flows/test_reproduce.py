@@ -160,16 +160,18 @@ def test_rows_run_print_the_table_and_log_one_mlflow_run_each(
     assert set(runs) == {"seed_mlp", "burda2_iwae5"}
     for row, run in runs.items():
         assert run.info.status == "FINISHED"
-        assert run.data.metrics["test_nll"] == pytest.approx(nll[row], abs=1e-3)
-        assert {"test_nll_stderr", "active_units", "epochs", "train_seconds"} <= set(
-            run.data.metrics
-        )
-        assert run.data.metrics["best_val_neg_elbo"] > 0
+        assert run.data.metrics["test/nll_iwae"] == pytest.approx(nll[row], abs=1e-3)
+        expected = {"test/nll_iwae_stderr", "train/epochs", "train/seconds", "val/neg_elbo"}
+        assert expected <= set(run.data.metrics)
+        assert run.data.metrics["val/best_neg_elbo"] > 0
         assert run.data.tags["data.variant"].startswith("binarized")
         assert run.data.tags["estimator"] == "IWAE k=20, 60 images (test set)"
         assert run.data.params["train.lr_schedule"] == "exponential"
-    assert runs["burda2_iwae5"].data.metrics["burda2015_nll"] == 83.89
-    assert {"active_units_z1", "active_units_z2"} <= set(runs["burda2_iwae5"].data.metrics)
+    assert runs["burda2_iwae5"].data.tags["reference.burda2015_nll"] == "83.89"
+    assert "test/active_units" in runs["seed_mlp"].data.metrics
+    assert {"test/active_units_z1", "test/active_units_z2"} <= set(
+        runs["burda2_iwae5"].data.metrics
+    )
 
 
 def test_rows_that_do_not_fit_are_reported_and_not_logged(

@@ -359,7 +359,7 @@ def test_all_trials_are_child_runs_with_the_same_keys(scenario) -> None:
         frozenset(k for k in r.data.metrics if not k.startswith("system/")) for r in finished
     }
     assert len(finished) == 2 and len(metric_keys) == 1
-    assert {"train.best_val_neg_elbo", "test_neg_elbo", "test_nll_iwae", "val_neg_elbo"} <= set(
+    assert {"val/best_neg_elbo", "test/neg_elbo", "test/nll_iwae", "val/neg_elbo"} <= set(
         next(iter(metric_keys))
     )
 
@@ -407,7 +407,7 @@ def test_parent_holds_the_definition_and_the_summary_table(scenario) -> None:
     assert params["sweep.method"] == "grid" and params["sweep.num_trials"] == "3"
     assert "model.latent_dim: 8" in params["sweep.space.variant"]
     assert params["train.epochs"] == "1"  # the base, with the -S overrides
-    assert parent.data.metrics["sweep.finished"] == 2 and parent.data.metrics["sweep.failed"] == 1
+    assert parent.data.metrics["sweep/finished"] == 2 and parent.data.metrics["sweep/failed"] == 1
 
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"sweep", "sweep_summary.md"} <= artifacts
@@ -435,8 +435,8 @@ def test_parent_holds_the_definition_and_the_summary_table(scenario) -> None:
         assert run.data.tags["mlflow.parentRunId"] == parent_id
         assert run.info.run_name == f"tiny-{row['trial']}"
         if row["status"] == "FINISHED":
-            assert row["val_neg_elbo"] == pytest.approx(run.data.metrics["train.best_val_neg_elbo"])
-            assert row["test_nll_iwae"] == pytest.approx(run.data.metrics["test_nll_iwae"])
+            assert row["val_neg_elbo"] == pytest.approx(run.data.metrics["val/best_neg_elbo"])
+            assert row["test_nll_iwae"] == pytest.approx(run.data.metrics["test/nll_iwae"])
 
 
 def test_best_trial_is_registered_and_gated(scenario) -> None:
@@ -457,7 +457,7 @@ def test_best_trial_is_registered_and_gated(scenario) -> None:
     assert tags["sweep.parent_run_id"] == first["parent_run_id"]
     assert tags["sweep.trial"] == str(int(best["trial"][1:]))
     assert tags["dvc.processed_md5"].endswith(".dir")
-    assert float(tags["metric.val_neg_elbo"]) == pytest.approx(best["val_neg_elbo"], abs=1e-3)
+    assert float(tags["metric.val/best_neg_elbo"]) == pytest.approx(best["val_neg_elbo"], abs=1e-3)
     assert str(client.get_registered_model(MODEL).aliases["champion"]) == "1"
 
     parent_tags = client.get_run(first["parent_run_id"]).data.tags
@@ -476,7 +476,7 @@ def test_rerun_reuses_finished_trials(scenario) -> None:
     assert len(versions) == len(scenario.versions_after_first) == 1
     parent = scenario.parent_after_second
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep.attempt"] == "2"
-    assert parent.data.metrics["sweep.ran"] == 0 and parent.data.metrics["sweep.reused"] == 3
+    assert parent.data.metrics["sweep/ran"] == 0 and parent.data.metrics["sweep/reused"] == 3
 
     out = scenario.second["stdout"]
     assert scenario.second["code"] == 0

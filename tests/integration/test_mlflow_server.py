@@ -70,12 +70,14 @@ def test_pipeline_tracks_and_registers_over_http(
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["train.epochs"] == "1" and params["evaluate.iwae_k"] == "5"
     metric_keys = {m["key"] for m in run["data"]["metrics"]}
-    assert {"train_neg_elbo", "val_neg_elbo", "test_neg_elbo", "test_nll_iwae"} <= metric_keys
+    assert {"train/neg_elbo", "val/neg_elbo", "test/neg_elbo", "test/nll_iwae"} <= metric_keys
     (dataset_input,) = run["inputs"]["dataset_inputs"]
     assert dataset_input["dataset"]["digest"] == lineage["processed_md5"]
 
     images = rest(mlflow_server, "artifacts/list", run_id=run_id, path="images")
-    assert "images/samples.png" in {f["path"] for f in images["files"]}
+    assert any(f["path"].startswith("images/samples+step+1+") for f in images["files"])
+    evaluation = rest(mlflow_server, "artifacts/list", run_id=run_id, path="evaluation")
+    assert "evaluation/samples.png" in {f["path"] for f in evaluation["files"]}
     # The server stored the artifacts in its own destination folder.
     stored = mlflow_server.root / "artifacts"
     assert any(stored.rglob("samples.png"))

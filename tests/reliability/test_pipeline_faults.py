@@ -129,7 +129,7 @@ def test_nan_loss_fails_the_flow_and_marks_the_run_failed(nan_run, record, helpe
     run = runs[0] if runs else None
     reason = run.data.tags.get("failure.reason", "") if run else ""
     history = (
-        client_for(nan_run.ws).get_metric_history(run.info.run_id, "val_neg_elbo") if run else []
+        client_for(nan_run.ws).get_metric_history(run.info.run_id, "val/neg_elbo") if run else []
     )
     errors = [ln for ln in nan_run.err.splitlines() if ln.startswith("error: ")]
     record(

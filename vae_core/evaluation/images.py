@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 from vae_core.evaluation.classifier import as_images
 from vae_core.evaluation.likelihood import latent_means, model_device
@@ -61,16 +61,35 @@ def save_sample_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
     return path
 
 
-def save_reconstructions(model: nn.Module, images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
+def grid_image(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """The same grid as save_sample_grid as an RGB uint8 array (H, W, 3), for image loggers."""
+    grid = make_grid(as_images(images).cpu().clamp(0, 1), nrow=nrow, padding=PADDING, pad_value=1.0)
+    return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
+def decoded_grid(model: nn.Module, z: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """Decoder means of fixed codes z as a grid (H, W, 3) uint8: the same z epoch after epoch
+    shows how the samples improve."""
+    with torch.inference_mode():
+        return grid_image(_decode_mean(model, z.to(model_device(model))), nrow)
+
+
+def reconstruction_rows(model: nn.Module, images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     """Rows of originals, each followed by the row of their reconstructions (decoder mean at
-    z = E_q[z|x]): alternate rows read original / reconstruction."""
+    z = E_q[z|x])."""
     x = as_images(images).to(model_device(model))
     with torch.inference_mode():
         recon = _decode_mean(model, model.encode(x)[0])
     rows = []
     for i in range(0, len(x), nrow):
         rows += [x[i : i + nrow], recon[i : i + nrow]]
-    return save_sample_grid(torch.cat(rows), path, nrow=nrow)
+    return torch.cat(rows)
+
+
+def save_reconstructions(model: nn.Module, images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
+    """Rows of originals, each followed by the row of their reconstructions (decoder mean at
+    z = E_q[z|x]): alternate rows read original / reconstruction."""
+    return save_sample_grid(reconstruction_rows(model, images, nrow), path, nrow=nrow)
 
 
 def save_interpolation(

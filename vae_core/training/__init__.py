@@ -3,7 +3,7 @@
 from vae_core.config import TrainConfig
 from vae_core.training.checkpoint import load_checkpoint, load_model, save_model
 from vae_core.training.device import pick_device
-from vae_core.training.run import run_training
+from vae_core.training.run import initial_model, run_training
 from vae_core.training.trainer import (
     EVAL_BATCH_SIZE,
     NonFiniteLossError,
@@ -21,6 +21,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "pick_device",
+    "initial_model",
     "run_training",
     "save_model",
     "to_unit_float",

@@ -45,6 +45,11 @@ class TrainOutcome:
     history: list[dict] = field(default_factory=list)
 
 
+def initial_model(model_config: VAEConfig, train_config: TrainConfig) -> VAE:
+    """The untrained network: same seed, same initial weights."""
+    return build_vae(model_config, seed=train_config.seed)
+
+
 def run_training(
     splits: DatasetSplits,
     model_config: VAEConfig,
@@ -53,15 +58,19 @@ def run_training(
     callbacks: list[EpochCallback] | None = None,
     resume: bool = True,
     progress: bool = True,
+    model: VAE | None = None,
 ) -> TrainOutcome:
     """Train and keep the best weights (by validation -ELBO); the test set is not touched here,
     evaluation reports it.
 
     Writes out_dir/checkpoints/{last,best}.pt (a rerun resumes from them) and
     out_dir/model/{model.pt,model_config.json}, the model evaluation and registration read.
+    `model`: the network to train, from `initial_model` (a callback that draws from the model
+    while it trains needs it before training starts); by default built here.
     """
     out_dir = Path(out_dir)
-    model = build_vae(model_config, seed=train_config.seed)  # same seed, same initial weights
+    if model is None:
+        model = initial_model(model_config, train_config)
     trainer = Trainer(model, train_config, progress=progress)
     result = trainer.fit(
         splits.train_images,
