@@ -119,7 +119,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import training_pipeline
 
     result = training_pipeline(overrides=args.overrides, workdir=args.workdir, force=args.force)
-    print(json.dumps({k: result[k] for k in ("run_id", "model", "gate")}, indent=2, default=str))
+    shown = ("run_id", "model", "figures", "gate")  # figures: nats per image, see the run
+    print(json.dumps({k: result[k] for k in shown}, indent=2, default=str))
     return 0
 
 

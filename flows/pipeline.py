@@ -314,6 +314,7 @@ def _up_to_date(name: str, version: str, match: dict[str, str]) -> dict[str, Any
         "run_id": None,
         "model": {"name": name, "version": version},
         "gate": {"decision": "up-to-date", "reason": reason, "applied": False},
+        "figures": {},
         "metrics": {},
     }
 
@@ -367,4 +368,11 @@ def training_pipeline(
         reg["version"],
         {"run_id": out["run_id"], "reason": gate.get("reason", ""), **figures},
     )
-    return {"run_id": out["run_id"], "model": reg, "gate": gate, "metrics": out["ev"]["metrics"]}
+    headline = {k: out["figures"][k] for k in run_record.HEADLINE if k in out["figures"]}
+    return {
+        "run_id": out["run_id"],
+        "model": reg,
+        "figures": headline,
+        "gate": gate,
+        "metrics": out["ev"]["metrics"],
+    }

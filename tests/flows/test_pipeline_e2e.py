@@ -347,6 +347,11 @@ def test_params_metrics_and_artifacts_are_logged(scenario) -> None:
     for key in ("test/neg_elbo", "test/nll_iwae", "val/best_neg_elbo", "train/best_epoch"):
         assert math.isfinite(metrics[key]), key
     assert 50 < metrics["test/nll_iwae"] < 1000
+    # The flow's result (what `vae-pipeline run` prints) carries the headline figures.
+    assert run1.result["figures"] == {
+        k: metrics[k]
+        for k in ("test/nll_iwae", "test/neg_elbo", "val/best_neg_elbo", "holdout/nll_iwae")
+    }
     mv_tags = version_tags(scenario, "1")
     assert mv_tags["metric.test/nll_iwae"] == f"{metrics['test/nll_iwae']:.4f}"
     artifacts = {a.path for a in client.list_artifacts(run1.run_id)}
