@@ -406,10 +406,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command][1](args)
+        try:
+            return COMMANDS[args.command][1](args)
+        except Exception as exc:
+            refusal = _permission_refusal(exc)
+            if refusal is None:
+                raise
+            raise refusal from exc
     except VaeError as exc:  # the project's own errors say what to fix; others keep tracebacks
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _permission_refusal(exc: Exception) -> VaeError | None:
+    """A tracking server's 403, as one line naming the account and the permission it lacks
+    (MLflow is imported only when it is already in use)."""
+    if "mlflow" not in sys.modules:
+        return None
+    from flows.tracking import permission_refusal
+
+    return permission_refusal(exc)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,37 @@ class TrackingUnavailable(VaeError, RuntimeError):
     """The MLflow tracking backend does not answer."""
 
 
+class PermissionRefused(VaeError, PermissionError):
+    """The tracking server's auth refused an action to the account this process uses."""
+
+
+#: MLflow REST endpoint (as named in a refusal) -> (what was refused, the permission it needs).
+REFUSED_ACTIONS = {
+    "registered-models/alias": ("move an alias of a registered model", "EDIT"),
+    "model-versions/delete": ("delete a model version", "MANAGE"),
+    "registered-models/delete": ("delete a registered model", "MANAGE"),
+    "model-versions/create": ("register a model version", "EDIT"),
+    "model-versions/set-tag": ("tag a model version", "EDIT"),
+    "registered-models/set-tag": ("tag a registered model", "EDIT"),
+    "runs/create": ("create a run in the experiment", "EDIT"),
+}
+
+
+def permission_refusal(exc: Exception) -> PermissionRefused | None:
+    """A one-line error naming the account and the permission it lacks, for an MLflow 403."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException) or exc.error_code != "PERMISSION_DENIED":
+        return None
+    account = os.environ.get("MLFLOW_TRACKING_USERNAME", "(anonymous)")
+    endpoint = next((e for e in REFUSED_ACTIONS if f"/{e}" in exc.message), None)
+    action, needed = REFUSED_ACTIONS.get(endpoint, ("do this", "a higher permission"))
+    return PermissionRefused(
+        f"MLflow account {account!r} may not {action}: it needs {needed} permission on that "
+        "resource (ask an admin of the tracking server)"
+    )
+
+
 def resolve_uri(workdir: Path) -> str:
     """MLFLOW_TRACKING_URI when the user set it (a server, say), else SQLite in the workspace.
 
