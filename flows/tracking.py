@@ -236,6 +236,7 @@ def lineage_tags(params: Params, lineage: dict, workdir: Path, device: str) -> d
         "data.counts": json.dumps(lineage.get("counts"), sort_keys=True),
         "params.hash": params.hash(),
         "code.hash": model_code_hash(),
+        "workspace": f"{platform.node()}:{Path(workdir).resolve()}",  # which clone, which host
         "data.dataset": params.data.dataset,
         "data.source": params.data.source,
         "device": device,

@@ -44,19 +44,32 @@ def stack(tmp_path_factory):
     team_stack.down(root)
 
 
-@pytest.fixture(scope="module")
-def worker_run(stack, workspace_factory, tiny_overrides, proc_tools) -> SimpleNamespace:
-    """`vae-pipeline run` in its own workspace, as the service account, over the stack."""
+def _worker(stack, ws: Path, overrides: list[str], proc_tools) -> dict:
+    """`vae-pipeline run` in workspace `ws`, as the service account, over the stack: what a
+    Prefect worker on another machine does. Returns the JSON the command prints."""
     from flows.team_stack import account_env
 
-    ws = workspace_factory("worker-a")
     env = proc_tools.env(**account_env(stack, "pipeline"))
     cmd = [proc_tools.bin_path("vae-pipeline"), "run"]
-    for override in tiny_overrides:
+    for override in overrides:
         cmd += ["-S", override]
     done = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout[done.stdout.index("{") :])
+    return json.loads(done.stdout[done.stdout.index("{") :])
+
+
+@pytest.fixture(scope="module")
+def worker_run(stack, workspace_factory, tiny_overrides, proc_tools) -> SimpleNamespace:
+    """Worker A trains one epoch (version 1, champion); worker B, another clone, trains two
+    (version 2, promoted over A's by the gate); then the service account registers a copy of
+    version 1 as version 3, something a person might promote by hand."""
+    from flows.team_stack import account_env
+
+    ws = workspace_factory("worker-a")
+    result = _worker(stack, ws, tiny_overrides, proc_tools)
+    ws_b = workspace_factory("worker-b")
+    result_b = _worker(stack, ws_b, [*tiny_overrides, "train.epochs=2"], proc_tools)
+    env = proc_tools.env(**account_env(stack, "pipeline"))
     # A second version of the same model, registered by the service account: what a person
     # might want to promote by hand.
     second = subprocess.run(
@@ -68,8 +81,8 @@ def worker_run(stack, workspace_factory, tiny_overrides, proc_tools) -> SimpleNa
          "print(v2.version)"],
         env=env, capture_output=True, text=True,
     )  # fmt: skip
-    assert second.stdout.strip() == "2", second.stderr[-2000:]
-    return SimpleNamespace(ws=ws, result=result, env=env)
+    assert second.stdout.strip() == "3", second.stderr[-2000:]
+    return SimpleNamespace(ws=ws, result=result, ws_b=ws_b, result_b=result_b, env=env)
 
 
 def _as(stack, account: str, code: str, proc_tools) -> subprocess.CompletedProcess:
@@ -85,7 +98,7 @@ def test_servers_keep_their_state_in_postgresql(stack, worker_run) -> None:
     assert _psql(stack, "mlflow", f"select status from runs where run_uuid = '{run_id}'") == (
         "FINISHED"
     )
-    assert _psql(stack, "mlflow", "select count(*) from model_versions") == "2"
+    assert _psql(stack, "mlflow", "select count(*) from model_versions") == "3"
     users = _psql(stack, "mlflow_auth", "select username from users order by username")
     assert users.split() == ["admin", "pipeline", "reader"]
     flow_runs = _psql(
@@ -94,12 +107,36 @@ def test_servers_keep_their_state_in_postgresql(stack, worker_run) -> None:
     assert int(flow_runs) >= 1
     # The artifacts went through the server into its own store (the worker needs no storage).
     assert any((Path(stack.root) / "artifacts").rglob("model.safetensors"))
-    assert not (worker_run.ws / "mlruns").exists()
+    assert not (worker_run.ws / "mlruns").exists() and not (worker_run.ws_b / "mlruns").exists()
 
 
 def test_the_service_account_trained_registered_and_promoted(stack, worker_run) -> None:
     assert worker_run.result["model"] == {"name": MODEL, "version": "1"}
     assert worker_run.result["gate"]["decision"] == "promote"
+
+
+def test_two_workers_one_experiment_and_the_gate_between_them(
+    stack, worker_run, proc_tools
+) -> None:
+    """Worker B's version is gated against worker A's champion and promoted; both runs are in
+    one experiment, each naming its own workspace."""
+    b = worker_run.result_b
+    assert b["model"] == {"name": MODEL, "version": "2"}
+    assert b["gate"]["decision"] == "promote", b["gate"]["reason"]
+    assert b["gate"]["champion_before"] == "1"
+    code = (
+        "import json; from mlflow import MlflowClient; c = MlflowClient(); "
+        f"runs = [c.get_run(r) for r in ({worker_run.result['run_id']!r}, {b['run_id']!r})]; "
+        "print(json.dumps([[r.info.experiment_id, r.data.tags['workspace']] for r in runs] + "
+        f"[c.get_model_version_by_alias({MODEL!r}, 'champion').version]))"
+    )
+    done = _as(stack, "reader", code, proc_tools)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (exp_a, ws_a), (exp_b, ws_b), champion = json.loads(done.stdout)
+    assert exp_a == exp_b and champion == "2"
+    assert ws_a.endswith(str(worker_run.ws.resolve())) and ws_b.endswith(
+        str(worker_run.ws_b.resolve())
+    )
 
 
 def test_credentials_are_never_written_down(stack, worker_run, proc_tools) -> None:
@@ -125,7 +162,7 @@ def test_the_reader_sees_runs_and_versions(stack, worker_run, proc_tools) -> Non
     )
     done = _as(stack, "reader", code, proc_tools)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["FINISHED", "1"]
+    assert done.stdout.split() == ["FINISHED", "2"]
 
 
 def test_the_reader_cannot_move_the_champion_or_delete_a_version(
@@ -138,7 +175,7 @@ def test_the_reader_cannot_move_the_champion_or_delete_a_version(
         "from mlflow import MlflowClient\n"
         "from flows.tracking import permission_refusal\n"
         "c = MlflowClient()\n"
-        "for act in (lambda: c.set_registered_model_alias('mnist-vae', 'champion', '1'),\n"
+        "for act in (lambda: c.set_registered_model_alias('mnist-vae', 'champion', '3'),\n"
         "            lambda: c.delete_model_version('mnist-vae', '1')):\n"
         "    try:\n"
         "        act()\n"
@@ -163,16 +200,16 @@ def test_the_reader_cannot_move_the_champion_or_delete_a_version(
         f"len(c.search_model_versions(\"name='{MODEL}'\")))",
         proc_tools,
     )
-    assert check.stdout.split() == ["1", "2"], check.stderr[-2000:]
+    assert check.stdout.split() == ["2", "3"], check.stderr[-2000:]
 
 
 def test_a_refused_cli_action_is_one_line(stack, worker_run, proc_tools) -> None:
-    """`vae-pipeline promote 2` by the reader: exit 2, one `error:` line naming the account
+    """`vae-pipeline promote 3` by the reader: exit 2, one `error:` line naming the account
     and the permission, no traceback; the champion stays, no registry lock is left behind."""
     from flows.team_stack import account_env
 
     env = proc_tools.env(**account_env(stack, "reader"))
-    cmd = [proc_tools.bin_path("vae-pipeline"), "promote", "2", "--reason", "a reader tries"]
+    cmd = [proc_tools.bin_path("vae-pipeline"), "promote", "3", "--reason", "a reader tries"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=worker_run.ws)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
@@ -186,7 +223,7 @@ def test_a_refused_cli_action_is_one_line(stack, worker_run, proc_tools) -> None
         "sorted(m.name for m in c.search_registered_models()))",
         proc_tools,
     )
-    assert check.stdout.strip() == f"1 ['{MODEL}']", check.stderr[-2000:]
+    assert check.stdout.strip() == f"2 ['{MODEL}']", check.stderr[-2000:]
 
 
 def test_without_credentials_nothing_is_served(stack) -> None:
