@@ -494,8 +494,8 @@ def run_row(
             "test/nll_iwae_stderr": nll.stderr,
             **{f"test/{k}": float(v) for k, v in units.items()},
             **run_record.training_figures(outcome.metrics),
-            "train/seconds": train_s,
-            "eval/seconds": eval_s,
+            "time/train_seconds": train_s,
+            "time/eval_seconds": eval_s,
         }
         tracking.log_figures(s.client, run_id, figures)
         flags = {f"train.{k}": str(outcome.metrics[k]).lower() for k in run_record.STOP_FLAGS}

@@ -4,8 +4,8 @@ description that says what each figure is.
 Settings are params (logged once from params.yaml); figures are metrics, each logged once,
 under a prefix the MLflow charts group by: `val/` and `test/` (what people compare), `holdout/`
 (what the promotion gate decided on), `sample_quality/`, `train/` (per epoch and totals),
-`schedule/` (the learning rate and KL weight the schedule gave each epoch) and `eval/` (time
-spent). Counts and settings that explain a figure (k, the subset, the data variant, the
+`schedule/` (the learning rate and KL weight the schedule gave each epoch) and `time/` (speed
+and time spent). Counts and settings that explain a figure (k, the subset, the data variant, the
 estimator) are not metrics: they go into the run's description, a Markdown table the UI renders.
 """
 
@@ -21,8 +21,8 @@ EPOCH_METRICS = {
     "val_neg_elbo": "val/neg_elbo",
     "val_recon": "val/recon",
     "val_kl": "val/kl",
-    "samples_per_second": "train/images_per_second",
-    "epoch_seconds": "train/epoch_seconds",
+    "samples_per_second": "time/train_images_per_second",
+    "epoch_seconds": "time/epoch_seconds",
     "lr": "schedule/lr",
     "beta": "schedule/kl_weight",
 }
@@ -34,7 +34,7 @@ TRAIN_FIGURES = {
     "best_val_neg_elbo": "val/best_neg_elbo",
     "best_epoch": "train/best_epoch",
     "epochs": "train/epochs",
-    "train_samples_per_second": "train/mean_images_per_second",
+    "train_samples_per_second": "time/mean_train_images_per_second",
     "resumed_from_epoch": "train/resumed_from_epoch",
 }
 
@@ -56,8 +56,8 @@ EVAL_FIGURES = {
     "active_units": "test/active_units",
     "holdout_nll_iwae": "holdout/nll_iwae",
     "holdout_neg_iwae_bce_greylevels": "holdout/neg_iwae_bce_greylevels",
-    "eval_seconds": "eval/seconds",
-    "iwae_seconds": "eval/iwae_seconds",
+    "eval_seconds": "time/eval_seconds",
+    "iwae_seconds": "time/iwae_seconds",
 }
 #: sq_* numbers that are settings or counts of the sample-quality report, not figures.
 SQ_NOT_FIGURES = {

@@ -364,7 +364,7 @@ def test_params_metrics_and_artifacts_are_logged(scenario) -> None:
     assert (on_disk / "evaluation" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-SECTIONS = ("train/", "val/", "test/", "holdout/", "sample_quality/", "schedule/", "eval/")
+SECTIONS = ("train/", "val/", "test/", "holdout/", "sample_quality/", "schedule/", "time/")
 
 
 def test_settings_are_params_and_figures_are_metrics_once(scenario) -> None:

@@ -161,7 +161,7 @@ def test_rows_run_print_the_table_and_log_one_mlflow_run_each(
     for row, run in runs.items():
         assert run.info.status == "FINISHED"
         assert run.data.metrics["test/nll_iwae"] == pytest.approx(nll[row], abs=1e-3)
-        expected = {"test/nll_iwae_stderr", "train/epochs", "train/seconds", "val/neg_elbo"}
+        expected = {"test/nll_iwae_stderr", "train/epochs", "time/train_seconds", "val/neg_elbo"}
         assert expected <= set(run.data.metrics)
         assert run.data.metrics["val/best_neg_elbo"] > 0
         assert run.data.tags["data.variant"].startswith("binarized")
