@@ -90,9 +90,8 @@ def train_model(workdir: str, params: Params, run_id: str, tracking_uri: str) ->
         every=tracking.ImageLogger.interval(epochs),
         seed=t.seed,
     )
-    epoch_logger = tracking.EpochLogger(
-        client, run_id, run_record.objective_is_elbo(t.objective, t.beta, t.warmup_epochs)
-    )
+    epoch_logger = tracking.EpochLogger(client, run_id, run_record.repeated_epoch_keys(t))
+    images.log(0)  # the initial weights: MLflow's image cards open on step 0
     out_dir = workspace.run_dir(root, run_id) / "train"
     # The run is active while training, so MLflow samples system metrics meanwhile.
     with tracking.active_run(run_id, system_metrics=True):
@@ -275,7 +274,8 @@ def _train_evaluate_register(
         experiment_id, tags=tags, run_name=tags["prefect.flow_run_name"]
     ).info.run_id
     try:
-        tracking.log_params(client, run_id, params.flat() | {"overrides": " ".join(overrides)})
+        tracking.log_params(client, run_id, params.flat())  # overrides applied: one value each
+        client.set_tag(run_id, "params.overrides", " ".join(overrides))
         tracking.log_dataset(run_id, lineage, workspace.processed_dir(root, dataset), dataset)
         train = train_model(str(root), params, run_id, uri)
         ev = evaluate(str(root), params, run_id, uri, train["model_dir"])

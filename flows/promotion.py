@@ -234,7 +234,8 @@ def apply_gate(
         outcome = f"dry-run, nothing moved; would {decision.label}"
     else:
         outcome = {"moved": "now champion", "stale": "stale"}.get(result, "not promoted")
-    append_description(client, model_name, version, f"Promotion gate ({mode}): {outcome}. {reason}")
+    said = reason if reason.startswith(outcome) else f"{outcome}. {reason}"  # say it once
+    append_description(client, model_name, version, f"Promotion gate ({mode}): {said}")
     return result
 
 

@@ -476,7 +476,7 @@ def run_row(
                 tracking.EpochLogger(
                     s.client,
                     run_id,
-                    run_record.objective_is_elbo(cfg.objective, cfg.beta, cfg.warmup_epochs),
+                    run_record.repeated_epoch_keys(cfg),
                 )
             ],
             resume=False,  # a schedule fitted to this budget must not continue an older one

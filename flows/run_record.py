@@ -27,6 +27,7 @@ EPOCH_METRICS = {
     "beta": "schedule/kl_weight",
 }
 #: The objective actually minimised; logged only when it is not the -ELBO already logged.
+#: (lr and beta likewise only when they change from epoch to epoch: `repeated_epoch_keys`.)
 EPOCH_OBJECTIVE = ("train_loss", "train/loss")
 
 #: Training totals -> MLflow metric key.
@@ -84,13 +85,13 @@ def is_sample_quality_figure(key: str) -> bool:
     return key.startswith("sq_") and key not in SQ_NOT_FIGURES and not SQ_LABEL_FRACTION.match(key)
 
 
-def epoch_figures(record: Mapping[str, Any], objective_is_elbo: bool) -> dict[str, float]:
-    """One epoch's figures under their MLflow keys (the caller logs them at step = epoch)."""
-    out = {EPOCH_METRICS[k]: float(v) for k, v in record.items() if k in EPOCH_METRICS}
-    source, name = EPOCH_OBJECTIVE
-    if not objective_is_elbo and source in record:
-        out[name] = float(record[source])
-    return out
+def epoch_figures(
+    record: Mapping[str, Any], skip: frozenset[str] = frozenset()
+) -> dict[str, float]:
+    """One epoch's figures under their MLflow keys (the caller logs them at step = epoch),
+    leaving out the history keys in `skip` (see `repeated_epoch_keys`)."""
+    names = EPOCH_METRICS | {EPOCH_OBJECTIVE[0]: EPOCH_OBJECTIVE[1]}
+    return {names[k]: float(v) for k, v in record.items() if k in names and k not in skip}
 
 
 def training_figures(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -118,9 +119,19 @@ def evaluation_figures(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def objective_is_elbo(objective: str, beta: float, warmup_epochs: int) -> bool:
-    """Whether the training loss is the -ELBO itself (then logging both would repeat it)."""
-    return objective == "elbo" and beta == 1.0 and warmup_epochs == 0
+def repeated_epoch_keys(train: Any) -> frozenset[str]:
+    """Trainer history keys that would only repeat something logged already: the loss when it
+    is the -ELBO itself (ELBO objective, beta 1, no warm-up), the learning rate when the
+    schedule is constant and the KL weight without warm-up (then they are the settings
+    train.lr and train.beta, which are params)."""
+    skip = set()
+    if train.objective == "elbo" and train.beta == 1.0 and train.warmup_epochs == 0:
+        skip.add(EPOCH_OBJECTIVE[0])
+    if train.lr_schedule == "constant":
+        skip.add("lr")
+    if train.warmup_epochs == 0:
+        skip.add("beta")
+    return frozenset(skip)
 
 
 def _source(figure: str) -> str:

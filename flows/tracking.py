@@ -176,10 +176,11 @@ def ui_links(client: MlflowClient, run_id: str, name: str, version: str) -> dict
     """MLflow UI addresses of a run and a model version."""
     base = ui_base(client.tracking_uri)
     experiment_id = client.get_run(run_id).info.experiment_id
+    view = "?workflowType=machine_learning"  # the UI's model-training view, not GenAI's
     return {
         "base": base,
-        "run": f"{base}/#/experiments/{experiment_id}/runs/{run_id}",
-        "version": f"{base}/#/models/{name}/versions/{version}",
+        "run": f"{base}/#/experiments/{experiment_id}/runs/{run_id}{view}",
+        "version": f"{base}/#/models/{name}/versions/{version}{view}",
     }
 
 
@@ -257,17 +258,16 @@ def log_params(client: MlflowClient, run_id: str, flat_params: dict[str, Any]) -
 class EpochLogger:
     """Trainer callback: each epoch's figures to MLflow (run_record's names, step = epoch).
 
-    `objective_is_elbo`: the training loss is the -ELBO already logged as train/neg_elbo, so
-    it is not logged a second time."""
+    `skip`: history keys not to log (run_record.repeated_epoch_keys)."""
 
-    def __init__(self, client: MlflowClient, run_id: str, objective_is_elbo: bool = True):
-        self.client, self.run_id, self.objective_is_elbo = client, run_id, objective_is_elbo
+    def __init__(self, client: MlflowClient, run_id: str, skip: frozenset[str] = frozenset()):
+        self.client, self.run_id, self.skip = client, run_id, skip
 
     def __call__(self, metrics: dict) -> None:
         log_figures(
             self.client,
             self.run_id,
-            run_record.epoch_figures(metrics, self.objective_is_elbo),
+            run_record.epoch_figures(metrics, self.skip),
             step=int(metrics["epoch"]),
         )
 

@@ -216,7 +216,8 @@ def _child_run(client: MlflowClient, ctx: dict, trial: Trial) -> str:
     run = client.create_run(ctx["experiment_id"], tags=tags, run_name=ctx["name"] + trial.label)
     run_id = run.info.run_id
     overrides = " ".join([*ctx["overrides"], *trial.override_strings()])
-    tracking.log_params(client, run_id, trial.params.flat() | {"overrides": overrides})
+    tracking.log_params(client, run_id, trial.params.flat())
+    client.set_tag(run_id, "params.overrides", overrides)
     tracking.log_dataset(run_id, ctx["lineage"], ctx["processed"], trial.params.data.dataset)
     return run_id
 

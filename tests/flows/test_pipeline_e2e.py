@@ -331,10 +331,11 @@ def test_params_metrics_and_artifacts_are_logged(scenario) -> None:
     assert experiment.artifact_location == (scenario.ws / "mlruns").resolve().as_uri()
     assert client.get_run(scenario.run2.run_id).info.experiment_id == experiment.experiment_id
 
-    # Every parameter (params.yaml flattened with the run's overrides applied), plus them.
+    # Every parameter (params.yaml flattened with the run's overrides applied), once; the
+    # overrides as given are a tag.
     expected_params = load_params(scenario.ws / "params.yaml", run1.overrides).flat()
-    expected_params["overrides"] = " ".join(run1.overrides)
     assert run.data.params == expected_params
+    assert run.data.tags["params.overrides"] == " ".join(run1.overrides)
     assert run.data.params["train.epochs"] == "2"
 
     # Per-epoch training curves, with the epoch as the step.
@@ -375,10 +376,10 @@ def test_settings_are_params_and_figures_are_metrics_once(scenario) -> None:
     run = client.get_run(scenario.run1.run_id)
     keys = {k for k in run.data.metrics if not k.startswith("system/")}
     assert keys and all(k.startswith(SECTIONS) for k in keys), sorted(keys)
-    # schedule/lr and schedule/kl_weight are curves (what the schedule gave each epoch, step =
-    # epoch), not the settings train.lr and train.beta they start from.
+    # schedule/lr is a curve (the exponential schedule's rate each epoch, step = epoch), not
+    # the setting train.lr it starts from; a constant KL weight (no warm-up) is not logged.
     leaves = {k.split("/", 1)[1] for k in keys if not k.startswith("schedule/")}
-    assert {"schedule/lr", "schedule/kl_weight"} <= keys
+    assert "schedule/lr" in keys and "schedule/kl_weight" not in keys
     settings = {k.rsplit(".", 1)[-1] for k in run.data.params}  # train.lr -> lr, ...
     settings |= {"iwae_k", "iwae_test_size", "iwae_num_examples", "active_units_threshold"}
     settings |= {"latent_dim", "kid_subset_size", "kid_subsets", "num_samples", "test_size"}
@@ -419,9 +420,10 @@ def _image_steps(client, run_id: str) -> dict[str, set[int]]:
 
 def test_training_images_are_logged_with_steps(scenario) -> None:
     """Samples of fixed z and reconstructions of fixed validation images, every few epochs
-    (every epoch of this two-epoch run), so the UI shows how they improve."""
+    (every epoch of this two-epoch run), from the initial weights at step 0 (where MLflow's
+    image cards open) on, so the UI shows how they improve."""
     steps = _image_steps(scenario.client, scenario.run1.run_id)
-    assert steps == {"samples": {1, 2}, "reconstructions": {1, 2}}
+    assert steps == {"samples": {0, 1, 2}, "reconstructions": {0, 1, 2}}
     # The untrained run 2 (zero epochs) shows its one model, at step 0.
     assert _image_steps(scenario.client, scenario.run2.run_id) == {
         "samples": {0},
@@ -489,7 +491,8 @@ def test_prefect_flow_runs_and_artifacts(scenario) -> None:
             assert "IWAE bound with k=5" in summary.data
             nll = run.result["metrics"]["test_nll_iwae"]
             assert f"| `test/nll_iwae` (nats per image) | {nll:.2f} |" in summary.data
-            assert f"/#/models/{MODEL}/versions/{version})" in summary.data
+            view = "?workflowType=machine_learning"
+            assert f"/#/models/{MODEL}/versions/{version}{view})" in summary.data
             images = {a.key: a.data for a in by_type.get("image", [])}
             assert set(images) == {"evaluation-samples", "evaluation-reconstructions"}
             assert f"run_uuid={run.run_id}" in images["evaluation-samples"]
