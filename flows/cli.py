@@ -419,13 +419,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _permission_refusal(exc: Exception) -> VaeError | None:
-    """A tracking server's 403, as one line naming the account and the permission it lacks
-    (MLflow is imported only when it is already in use)."""
+    """A tracking server's 403 (one line naming the account and the permission it lacks) or a
+    server that stopped answering (one line, after MLflow's retries); MLflow is imported only
+    when it is already in use."""
     if "mlflow" not in sys.modules:
         return None
-    from flows.tracking import permission_refusal
+    from flows.tracking import lost_server, permission_refusal
 
-    return permission_refusal(exc)
+    return permission_refusal(exc) or lost_server(exc)
 
 
 if __name__ == "__main__":

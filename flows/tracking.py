@@ -75,6 +75,28 @@ def permission_refusal(exc: Exception) -> PermissionRefused | None:
     )
 
 
+def lost_server(exc: Exception) -> TrackingUnavailable | None:
+    """A tracking server that stopped answering mid-run, as one line.
+
+    The policy: MLflow's client retries each request with exponential backoff
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7, and MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, default
+    2: about four minutes), so a server restarted meanwhile is simply waited for; after that the
+    run fails with this line. A run that fails before registering registers nothing."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return None
+    words = exc.message.split()
+    if len(words) < 4 or words[:2] != ["API", "request"] or "failed with" not in exc.message:
+        return None
+    url = words[3].split("/api/")[0]  # the server, not the endpoint
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    return TrackingUnavailable(
+        f"the MLflow tracking server stopped answering ({url}, after {retries} retries); "
+        "the run failed before registering anything: run it again once the server is back"
+    )
+
+
 def resolve_uri(workdir: Path) -> str:
     """MLFLOW_TRACKING_URI when the user set it (a server, say), else SQLite in the workspace.
 
