@@ -9,6 +9,7 @@ Started once for the module (about 20 s), stopped at its end. Run alone with
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,7 @@ def stack(tmp_path_factory):
     started = team_stack.up(root)
     yield started
     team_stack.down(root)
+    shutil.rmtree(started.pg_dir, ignore_errors=True)  # `down` keeps the data; a test does not
 
 
 def _worker(stack, ws: Path, overrides: list[str], proc_tools) -> dict:
