@@ -406,19 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        try:
-            return COMMANDS[args.command][1](args)
-        except Exception as exc:
-            refusal = _permission_refusal(exc)
-            if refusal is None:
-                raise
-            raise refusal from exc
-    except VaeError as exc:  # the project's own errors say what to fix; others keep tracebacks
-        print(f"error: {exc}", file=sys.stderr)
+        return COMMANDS[args.command][1](args)
+    except Exception as exc:
+        # The project's own errors, and a tracking server's, say what to fix in one line;
+        # anything else keeps its traceback.
+        known = exc if isinstance(exc, VaeError) else _tracking_server_error(exc)
+        if known is None:
+            raise
+        print(f"error: {known}", file=sys.stderr)
         return 2
 
 
-def _permission_refusal(exc: Exception) -> VaeError | None:
+def _tracking_server_error(exc: Exception) -> VaeError | None:
     """A tracking server's 403 (one line naming the account and the permission it lacks) or a
     server that stopped answering (one line, after MLflow's retries); MLflow is imported only
     when it is already in use."""

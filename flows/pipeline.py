@@ -109,13 +109,15 @@ def train_model(workdir: str, params: Params, run_id: str, tracking_uri: str) ->
     images.log(int(outcome.metrics["best_epoch"]))  # the weights kept: the best epoch's
     if outcome.history:
         client.log_figure(run_id, tracking.loss_curve(outcome.history), "loss_curve.png")
-    tracking.log_figures(client, run_id, run_record.training_figures(outcome.metrics))
-    for flag in run_record.STOP_FLAGS:
-        client.set_tag(run_id, f"train.{flag}", str(bool(outcome.metrics[flag])).lower())
+    figures = run_record.training_figures(outcome.metrics)
+    tracking.log_figures(client, run_id, figures)
+    for key, value in run_record.stop_tags(outcome.metrics).items():
+        client.set_tag(run_id, key, value)
     return {
         "model_dir": str(out_dir / "model"),
         "model_uri": info.model_uri,
         "metrics": outcome.metrics,
+        "figures": figures,
     }
 
 
@@ -153,9 +155,10 @@ def evaluate(workdir: str, params: Params, run_id: str, tracking_uri: str, model
         params.evaluate,
         classifier=classifier,
     )
-    tracking.log_figures(client, run_id, run_record.evaluation_figures(metrics))
+    figures = run_record.evaluation_figures(metrics)
+    tracking.log_figures(client, run_id, figures)
     client.log_artifacts(run_id, str(out_dir), "evaluation")
-    return {"eval_dir": str(out_dir), "metrics": metrics}
+    return {"eval_dir": str(out_dir), "metrics": metrics, "figures": figures}
 
 
 @task
@@ -200,12 +203,12 @@ def promote(
 
 def headline_tags(figures: dict[str, float]) -> dict[str, str]:
     """The figures a registry page shows at a glance, as version tags `metric.<figure>`."""
-    return {f"metric.{k}": f"{figures[k]:.4f}" for k in run_record.HEADLINE if k in figures}
+    return {f"metric.{k}": f"{v:.4f}" for k, v in run_record.headline(figures).items()}
 
 
 def version_description(run_id: str, data_md5: str | None, figures: dict[str, float]) -> str:
     """A model version's description (Markdown): where it came from and its headline figures."""
-    rows = [f"| `{k}` | {figures[k]:.2f} |" for k in run_record.HEADLINE if k in figures]
+    rows = [f"| `{k}` | {v:.2f} |" for k, v in run_record.headline(figures).items()]
     table = ["", "| figure | nats per image |", "| --- | --- |", *rows] if rows else []
     return "\n".join(
         [
@@ -219,11 +222,9 @@ def version_description(run_id: str, data_md5: str | None, figures: dict[str, fl
 def _summary(out: dict[str, Any], links: dict[str, str]) -> str:
     """The flow run's summary artifact: the headline figures, with links to MLflow."""
     m, train, reg, gate = out["ev"]["metrics"], out["train"]["metrics"], out["reg"], out["gate"]
-    figures = out["figures"]
     rows = [
-        (f"`{k}` (nats per image)", f"{figures[k]:.2f}")
-        for k in run_record.HEADLINE
-        if k in figures
+        (f"`{k}` (nats per image)", f"{v:.2f}")
+        for k, v in run_record.headline(out["figures"]).items()
     ]
     rows += [
         ("data variant", str(m.get("data_variant_label", m.get("data_variant", "?")))),
@@ -279,9 +280,7 @@ def _train_evaluate_register(
         tracking.log_dataset(run_id, lineage, workspace.processed_dir(root, dataset), dataset)
         train = train_model(str(root), params, run_id, uri)
         ev = evaluate(str(root), params, run_id, uri, train["model_dir"])
-        figures = run_record.training_figures(train["metrics"]) | run_record.evaluation_figures(
-            ev["metrics"]
-        )
+        figures = train["figures"] | ev["figures"]
         description = run_record.description(train["metrics"], ev["metrics"], figures)
         tracking.set_description(client, run_id, description)
         version_tags = tags | headline_tags(figures) | {"mlflow.run_id": run_id}
@@ -368,11 +367,10 @@ def training_pipeline(
         reg["version"],
         {"run_id": out["run_id"], "reason": gate.get("reason", ""), **figures},
     )
-    headline = {k: out["figures"][k] for k in run_record.HEADLINE if k in out["figures"]}
     return {
         "run_id": out["run_id"],
         "model": reg,
-        "figures": headline,
+        "figures": run_record.headline(out["figures"]),
         "gate": gate,
         "metrics": out["ev"]["metrics"],
     }

@@ -498,7 +498,7 @@ def run_row(
             "time/eval_seconds": eval_s,
         }
         tracking.log_figures(s.client, run_id, figures)
-        flags = {f"train.{k}": str(outcome.metrics[k]).lower() for k in run_record.STOP_FLAGS}
+        flags = run_record.stop_tags(outcome.metrics)
         if row.burda_nll is not None:
             flags["reference.burda2015_nll"] = f"{row.burda_nll:.2f}"
         for key, value in (flags | {"device": device}).items():

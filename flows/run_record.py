@@ -77,6 +77,16 @@ SQ_LABEL_FRACTION = re.compile(r"^sq_(ref_)?label_frac_\d$")
 HEADLINE = ("test/nll_iwae", "test/neg_elbo", "val/best_neg_elbo", "holdout/nll_iwae")
 
 
+def headline(figures: Mapping[str, float]) -> dict[str, float]:
+    """The HEADLINE figures a run has, in HEADLINE's order."""
+    return {k: figures[k] for k in HEADLINE if k in figures}
+
+
+def stop_tags(train_metrics: Mapping[str, Any]) -> dict[str, str]:
+    """Training's yes/no outcomes as tags `train.<flag>` ("true"/"false")."""
+    return {f"train.{k}": str(bool(train_metrics[k])).lower() for k in STOP_FLAGS}
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 

@@ -85,20 +85,12 @@ def _run(cmd: list[str], what: str) -> None:
         raise StackError(f"{what} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return subprocess.run(
-        ["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True
-    ).stdout.strip()[:1] not in ("Z", "")
-
-
-def _wait_http(url: str, what: str, log: Path, pid: int, timeout_s: float = 180.0) -> None:
+def _wait_http(
+    url: str, what: str, log: Path, proc: subprocess.Popen, timeout_s: float = 180.0
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if proc.poll() is not None:
             raise StackError(f"{what} exited before answering {url}; see {log}")
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
@@ -110,13 +102,12 @@ def _wait_http(url: str, what: str, log: Path, pid: int, timeout_s: float = 180.
     raise StackError(f"{what} did not answer {url} within {timeout_s:.0f} s; see {log}")
 
 
-def _start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> int:
+def _start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
     """A server in its own session (so `down` can stop it and its workers), logging to a file."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
         )
-    return proc.pid
 
 
 def read_credentials(root: Path) -> dict[str, str]:
@@ -245,7 +236,7 @@ def _servers(root: Path, stack: Stack, secrets_: dict[str, str]) -> Stack:
     }
     store = _pg_url("postgresql+psycopg2", "mlflow", pg_port, secrets_["PG_MLFLOW_PASSWORD"])
     mlflow_log = root / "logs" / "mlflow.log"
-    pids["mlflow"] = _start(
+    mlflow_proc = _start(
         [str(bin_dir / "mlflow"), "server", "--host", HOST, "--port", str(mlflow_port),
          "--backend-store-uri", store, "--serve-artifacts",
          "--artifacts-destination", str(root / "artifacts"), "--app-name", "basic-auth",
@@ -263,15 +254,16 @@ def _servers(root: Path, stack: Stack, secrets_: dict[str, str]) -> Stack:
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
     }
     prefect_log = root / "logs" / "prefect.log"
-    pids["prefect"] = _start(
+    prefect_proc = _start(
         [str(bin_dir / "prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
         prefect_log, prefect_env, root,
     )  # fmt: skip
+    pids |= {"mlflow": mlflow_proc.pid, "prefect": prefect_proc.pid}
     stack.mlflow_url, stack.prefect_api = mlflow_url, f"http://{HOST}:{prefect_port}/api"
     (root / STATE_NAME).write_text(json.dumps(asdict(stack), indent=2) + "\n")
-    _wait_http(f"{mlflow_url}/health", "the MLflow server", mlflow_log, pids["mlflow"])
+    _wait_http(f"{mlflow_url}/health", "the MLflow server", mlflow_log, mlflow_proc)
     prefect_health = f"{stack.prefect_api}/health"
-    _wait_http(prefect_health, "the Prefect server", prefect_log, pids["prefect"])
+    _wait_http(prefect_health, "the Prefect server", prefect_log, prefect_proc)
     for account in ACCOUNTS:
         _create_mlflow_user(mlflow_url, secrets_, account)
     return stack

@@ -19,7 +19,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import run_record, tracking, workspace
 from flows.params import Params, load_params, yaml_scalar
-from flows.pipeline import evaluate, fetch_data, prepare_data, promote, register, train_model
+from flows.pipeline import (
+    evaluate,
+    fetch_data,
+    headline_tags,
+    prepare_data,
+    promote,
+    register,
+    train_model,
+)
 from flows.sweep.spec import SELECTABLE_METRICS, TEST_FIGURES, SweepError, SweepSpec, load_sweep
 from flows.sweep.trials import Trial, expand_trials, plan_trials, same_family, sweep_key, with_keys
 
@@ -31,7 +39,6 @@ TABLE_METRICS = {name: key for name, (key, _) in SELECTABLE_METRICS.items()} | {
     "epochs": run_record.TRAIN_FIGURES["epochs"],
     "images_per_s": run_record.TRAIN_FIGURES["train_samples_per_second"],
 }
-HEADLINE = ("test_neg_elbo", "test_nll_iwae", "val_neg_elbo")  # version tags metric.<figure>
 REUSED = ("done", "keep-failed")  # what plan_trials says of trials read back, not run
 
 
@@ -263,11 +270,10 @@ def _register_and_gate(client: MlflowClient, ctx: dict, trial: Trial, row: dict)
         return model, gate | {"from_earlier_attempt": True}
     client.set_tag(parent_id, "sweep.best_run_id", run_id)
     client.set_tag(parent_id, "sweep.best_trial", trial.label)
-    run_tags = client.get_run(run_id).data.tags  # the trial's lineage, as a pipeline run has
+    run = client.get_run(run_id)  # the trial's lineage and figures, as a pipeline run has
+    run_tags, figures = run.data.tags, run.data.metrics
     tags = {k: v for k, v in run_tags.items() if not k.startswith("mlflow.")}
-    tags |= {f"metric.{TABLE_METRICS[k]}": f"{row[k]:.4f}" for k in HEADLINE if row[k] is not None}
-    tags |= {"mlflow.run_id": run_id, "sweep.parent_run_id": parent_id}
-    figures = client.get_run(run_id).data.metrics
+    tags |= headline_tags(figures) | {"mlflow.run_id": run_id, "sweep.parent_run_id": parent_id}
     model = register(trial.params, run_id, uri, run_tags["sweep.model_uri"], tags, figures)
     client.set_tag(parent_id, "sweep.model_name", model["name"])
     client.set_tag(parent_id, "sweep.model_version", model["version"])
