@@ -111,6 +111,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="train even when a version was made from the same data, params and model code",
     )
+    _add_dvc_remote(p)
+
+
+def _add_dvc_remote(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dvc-remote",
+        default=None,
+        metavar="NAME",
+        help="a DVC remote the team shares: pull prepared data from it, push new data to it",
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -118,7 +128,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     load_params(Path(args.workdir) / DEFAULT_PATH, args.overrides)  # fail fast, before Prefect
     from flows.pipeline import training_pipeline
 
-    result = training_pipeline(overrides=args.overrides, workdir=args.workdir, force=args.force)
+    result = training_pipeline(
+        overrides=args.overrides, workdir=args.workdir, force=args.force, dvc_remote=args.dvc_remote
+    )
     shown = ("run_id", "model", "figures", "gate")  # figures: nats per image, see the run
     print(json.dumps({k: result[k] for k in shown}, indent=2, default=str))
     return 0
@@ -255,6 +267,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         "--dask-workers", type=int, default=None, metavar="N", help="a local Dask cluster of N"
     )
     p.add_argument("--retry-failed", action="store_true", help="run failed trials again")
+    _add_dvc_remote(p)
     add_override_argument(p, "override a base parameter for every trial, e.g. -S train.epochs=3")
     p.add_argument("--workdir", default=".", help="the project folder (params.yaml, dvc.yaml)")
 
@@ -272,6 +285,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         dask_address=args.dask_address,
         dask_workers=args.dask_workers,
         retry_failed=args.retry_failed,
+        dvc_remote=args.dvc_remote,
     )
     print(result["table_markdown"])
     best, model, gate = result["best"], result["model"], result["gate"] or {}

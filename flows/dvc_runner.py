@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,25 @@ def dvc(*args: str, cwd: Path) -> str:
 def repro(*stages: str, cwd: Path) -> str:
     """`dvc repro [stages]`: re-runs only the stages whose deps or params changed."""
     return dvc("repro", *stages, cwd=cwd)
+
+
+def pull(remote: str, cwd: Path) -> str:
+    """`dvc pull -r REMOTE --allow-missing`: the stage outputs dvc.lock names that another
+    workspace already pushed; what the remote lacks is left for `dvc repro` to make."""
+    return dvc("pull", "-r", remote, "--allow-missing", cwd=cwd)
+
+
+def push(remote: str, cwd: Path) -> str:
+    """`dvc push -r REMOTE`: this workspace's stage outputs, for the next workspace to pull."""
+    return dvc("push", "-r", remote, cwd=cwd)
+
+
+def stages_run(log: str) -> list[str]:
+    """The stages `dvc repro` ran (not those it found unchanged), from its output."""
+    return re.findall(r"^Running stage '([^']+)'", log, flags=re.MULTILINE)
+
+
+def last_line(log: str) -> str:
+    """DVC's closing line of a pull or push ("22 files fetched", "Everything is up to date.")."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    return lines[-1] if lines else ""

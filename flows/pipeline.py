@@ -9,6 +9,7 @@ registry are only ever changed by one run at a time.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from prefect.tasks import exponential_backoff
 from flows import dvc_runner, run_record, tracking, workspace
 from flows.lineage import data_lineage
 from flows.params import Params, load_params
+from flows.recovery import settle_dead_run
 
 
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
@@ -42,14 +44,46 @@ def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
 def fetch_data(workdir: str) -> str:
     """`dvc repro fetch` (with the source fingerprint before it); a transient failure is
     retried with exponential backoff, bad input is not."""
-    return dvc_runner.repro("fetch", cwd=Path(workdir))
+    log = dvc_runner.repro("fetch", cwd=Path(workdir))
+    get_run_logger().info("dvc repro fetch ran: %s", ", ".join(dvc_runner.stages_run(log)))
+    return log
 
 
 @task
 def prepare_data(workdir: str, dataset: str) -> dict:
     """`dvc repro` for the remaining stages; returns the lineage read back from dvc.lock."""
     log = dvc_runner.repro(cwd=Path(workdir))
+    get_run_logger().info("dvc repro ran: %s", ", ".join(dvc_runner.stages_run(log)) or "nothing")
     return {"dvc_log": log, **data_lineage(workdir, dataset)}
+
+
+@task(retries=2, retry_delay_seconds=10)
+def pull_data(workdir: str, remote: str) -> str:
+    """Bring what another workspace already prepared from the team's DVC remote, so that
+    `dvc repro` re-runs only what it lacks."""
+    line = dvc_runner.last_line(dvc_runner.pull(remote, cwd=Path(workdir)))
+    get_run_logger().info("dvc pull -r %s: %s", remote, line)
+    return line
+
+
+@task(retries=2, retry_delay_seconds=10)
+def push_data(workdir: str, remote: str) -> str:
+    """Send this workspace's stage outputs to the team's DVC remote."""
+    line = dvc_runner.last_line(dvc_runner.push(remote, cwd=Path(workdir)))
+    get_run_logger().info("dvc push -r %s: %s", remote, line)
+    return line
+
+
+def refresh_data(root: Path, dataset: str, dvc_remote: str | None) -> dict:
+    """The data steps of a pipeline run or a sweep: pull from the team's remote (if any), run
+    the stages that changed, push the results back; returns the lineage."""
+    if dvc_remote:
+        pull_data(str(root), dvc_remote)
+    fetch_data(str(root))
+    lineage = prepare_data(str(root), dataset)
+    if dvc_remote:
+        push_data(str(root), dvc_remote)
+    return lineage
 
 
 @task
@@ -274,6 +308,7 @@ def _train_evaluate_register(
     run_id = client.create_run(
         experiment_id, tags=tags, run_name=tags["prefect.flow_run_name"]
     ).info.run_id
+    workspace.note_holder(root, {"mlflow.run_id": run_id})  # closed by the next run if we die
     try:
         tracking.log_params(client, run_id, params.flat())  # overrides applied: one value each
         client.set_tag(run_id, "params.overrides", " ".join(overrides))
@@ -320,10 +355,17 @@ def _up_to_date(name: str, version: str, match: dict[str, str]) -> dict[str, Any
 
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(
-    overrides: list[str] | None = None, workdir: str = ".", force: bool = False
+    overrides: list[str] | None = None,
+    workdir: str = ".",
+    force: bool = False,
+    dvc_remote: str | None = None,
 ) -> dict[str, Any]:
     """Fetch, prepare, train, evaluate, register and promote one VAE; with nothing changed
-    since an existing version (data, parameters, model code), stop and name it instead."""
+    since an existing version (data, parameters, model code), stop and name it instead.
+
+    ``dvc_remote``: a DVC remote the team shares (configured in each workspace, e.g. `dvc
+    remote add --local shared PATH`): data come from it when another workspace prepared them,
+    and go to it after the stages run."""
     from flows.events import decision_event, emit_model_event
     from flows.lineage import model_code_hash
     from flows.registry import matching_version, registered_model_name
@@ -334,9 +376,10 @@ def training_pipeline(
     load_params(root / workspace.PARAMS_NAME, overrides)  # refuse bad values before any work
     client = tracking.connect(tracking.resolve_uri(root))
     tracking.ensure_reachable(client)  # an unreachable backend fails here, not after training
-    with workspace.exclusive(root, overrides) as params:
-        fetch_data(str(root))
-        lineage = prepare_data(str(root), params.data.dataset)
+    holder = tracking.prefect_context() | {"workspace": str(root)}
+    settle = partial(settle_dead_run, client=client)
+    with workspace.exclusive(root, overrides, holder, settle) as params:
+        lineage = refresh_data(root, params.data.dataset, dvc_remote)
         name = registered_model_name(params.data.dataset)
         made_from = {
             "dvc.processed_md5": lineage["processed_md5"],

@@ -1,8 +1,10 @@
 """A team's servers on one machine, bound to 127.0.0.1: PostgreSQL, an MLflow tracking server
-on it (proxied artifacts, basic-auth app) and a Prefect server on it.
+on it (proxied artifacts, basic-auth app), a Prefect server on it with the process work pool
+`team-process`, and a folder standing in for the object store of a shared DVC remote.
 
     python -m flows.team_stack up   --root .team-stack   # prints the addresses and accounts
     python -m flows.team_stack down --root .team-stack
+    python -m flows.team_stack restart-postgres --root .team-stack   # a database failover
 
 `up` makes the accounts people and workers use: `pipeline` (the service account that trains,
 registers and moves aliases) and `reader` (sees runs and versions, cannot move `@champion` or
@@ -37,6 +39,8 @@ STATE_NAME = "stack.json"
 CREDENTIALS_NAME = "credentials.env"
 ACCOUNTS = ("pipeline", "reader")
 DATABASES = ("mlflow", "mlflow_auth", "prefect")
+#: The process work pool the `team-nightly` deployment (prefect.yaml) goes to.
+WORK_POOL = "team-process"
 
 
 class StackError(VaeError, RuntimeError):
@@ -51,6 +55,8 @@ class Stack:
     mlflow_url: str
     prefect_api: str
     pids: dict[str, int]
+    #: The folder standing in for the team's object store, as the DVC remote `shared`.
+    dvc_remote: str = ""
 
     @property
     def credentials(self) -> dict[str, str]:
@@ -79,8 +85,8 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def _run(cmd: list[str], what: str) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True)
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise StackError(f"{what} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
 
@@ -159,14 +165,7 @@ def _postgres(root: Path, pg: Path, secrets_: dict[str, str]) -> tuple[int, int]
         shutil.chown(log, "postgres", "postgres")
     (root / "logs" / "postgres.log").unlink(missing_ok=True)
     (root / "logs" / "postgres.log").symlink_to(log)
-    options = f"-c listen_addresses={HOST} -c port={port} -k {sock}"
-    _run(
-        _as_postgres(
-            [_pg_bin("pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start"]
-        ),
-        "pg_ctl start",
-    )
-    pid = int((data / "postmaster.pid").read_text().split()[0])
+    pid = _pg_ctl(pg, port, "start")
     env = dict(os.environ, PGPASSWORD=secrets_["PG_SUPERUSER_PASSWORD"])
     for db in DATABASES:
         password = secrets_[f"PG_{db.upper()}_PASSWORD"]
@@ -180,6 +179,27 @@ def _postgres(root: Path, pg: Path, secrets_: dict[str, str]) -> tuple[int, int]
             if done.returncode != 0:
                 raise StackError(f"psql: {statement.split(' PASSWORD')[0]}: {done.stderr.strip()}")
     return port, pid
+
+
+def _pg_ctl(pg: Path, port: int, action: str) -> int:
+    """`pg_ctl start|stop` on the stack's cluster (stop: fast, dropping connections); returns
+    the postmaster's pid after a start. The server logs to pg/postgres.log, never to our pipes
+    (a server holding them open would keep `subprocess.run` waiting)."""
+    data = pg / "data"
+    options = f"-c listen_addresses={HOST} -c port={port} -k {pg / 'socket'}"
+    cmd = [_pg_bin("pg_ctl"), "-D", str(data), "-l", str(pg / "postgres.log"), "-o", options, "-w"]
+    mode = ["-m", "fast"] if action == "stop" else []
+    _run(_as_postgres([*cmd, *mode, action]), f"pg_ctl {action}")
+    return int((data / "postmaster.pid").read_text().split()[0]) if action == "start" else 0
+
+
+def restart_postgres(root: Path) -> None:
+    """Stop PostgreSQL (fast: open connections are dropped) and start it again: what a database
+    upgrade or a failover does to the servers on it."""
+    stack = load(root)
+    _pg_ctl(Path(stack.pg_dir), stack.pg_port, "stop")
+    stack.pids["postgres"] = _pg_ctl(Path(stack.pg_dir), stack.pg_port, "start")
+    (Path(stack.root) / STATE_NAME).write_text(json.dumps(asdict(stack), indent=2) + "\n")
 
 
 def _pg_url(driver: str, db: str, port: int, password: str) -> str:
@@ -266,6 +286,14 @@ def _servers(root: Path, stack: Stack, secrets_: dict[str, str]) -> Stack:
     _wait_http(prefect_health, "the Prefect server", prefect_log, prefect_proc)
     for account in ACCOUNTS:
         _create_mlflow_user(mlflow_url, secrets_, account)
+    _run(
+        [str(bin_dir / "prefect"), "work-pool", "create", WORK_POOL, "--type", "process"],
+        f"creating the Prefect work pool {WORK_POOL}",
+        env=prefect_env | {"PREFECT_API_URL": stack.prefect_api},
+    )
+    stack.dvc_remote = str(root / "dvc-remote")
+    Path(stack.dvc_remote).mkdir(exist_ok=True)
+    (root / STATE_NAME).write_text(json.dumps(asdict(stack), indent=2) + "\n")
     return stack
 
 
@@ -313,23 +341,24 @@ def down(root: Path) -> None:
             continue
         with contextlib.suppress(ProcessLookupError):
             os.killpg(stack.pids[name], signal.SIGTERM)
-    data = Path(stack.pg_dir) / "data"
-    subprocess.run(
-        _as_postgres([_pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-        capture_output=True,
-    )
+    with contextlib.suppress(StackError):  # already stopped
+        _pg_ctl(Path(stack.pg_dir), stack.pg_port, "stop")
     (root / STATE_NAME).unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.team_stack", description=__doc__)
-    parser.add_argument("action", choices=("up", "down"))
+    parser.add_argument("action", choices=("up", "down", "restart-postgres"))
     parser.add_argument("--root", type=Path, default=Path(".team-stack"))
     args = parser.parse_args(argv)
     try:
         if args.action == "down":
             down(args.root)
             print(f"stopped the stack under {args.root}")
+            return 0
+        if args.action == "restart-postgres":
+            restart_postgres(args.root)
+            print(f"restarted PostgreSQL of the stack under {args.root}")
             return 0
         stack = up(args.root)
     except VaeError as exc:
@@ -339,9 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Prefect  {stack.prefect_api}")
     print(f"Postgres {HOST}:{stack.pg_port}")
     print(f"passwords: {Path(stack.root) / CREDENTIALS_NAME} (mode 0600)")
-    print("a pipeline worker's environment:")
+    print(f"DVC      {stack.dvc_remote}  (the remote `shared`)")
+    print(f"work pool {WORK_POOL} (process)")
+    print("a worker, in its own clone of the project:")
     print(f"  export MLFLOW_TRACKING_URI={stack.mlflow_url} PREFECT_API_URL={stack.prefect_api}")
     print("  export MLFLOW_TRACKING_USERNAME=pipeline MLFLOW_TRACKING_PASSWORD=<from the file>")
+    print(f"  dvc remote add --local shared {stack.dvc_remote}")
+    print(f"  VAE_WORKSPACE=$PWD prefect worker start --pool {WORK_POOL} --limit 1")
+    print("the deployment, once, from any clone: prefect deploy --name team-nightly")
     return 0
 
 

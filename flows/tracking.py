@@ -97,6 +97,25 @@ def lost_server(exc: Exception) -> TrackingUnavailable | None:
     )
 
 
+def server_hiccup(exc: BaseException) -> bool:
+    """Whether the tracking server, not the work, failed: no answer, a 5xx once MLflow's own
+    retries ran out, or a 401 to an account that was let in before (the basic-auth app
+    answers 401 while its database restarts). Work that failed this way can resume."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+        return True
+    if isinstance(exc, requests.exceptions.HTTPError):
+        status = exc.response.status_code if exc.response is not None else 0
+        return status == 401 or status >= 500
+    return isinstance(exc, Exception) and lost_server(exc) is not None
+
+
+def retry_on_server_hiccup(task: Any, task_run: Any, state: Any) -> bool:
+    """A Prefect retry condition: try again only when the tracking server hiccupped."""
+    return server_hiccup(state.result(raise_on_failure=False))
+
+
 def resolve_uri(workdir: Path) -> str:
     """MLFLOW_TRACKING_URI when the user set it (a server, say), else SQLite in the workspace.
 
@@ -146,16 +165,17 @@ def ensure_reachable(client: MlflowClient) -> None:
         ) from exc
 
 
-def mark_failed(client: MlflowClient, run_id: str, exc: BaseException) -> None:
+def mark_failed(client: MlflowClient, run_id: str, exc: BaseException | str) -> None:
     """Record why a run failed, mark it FAILED, and delete any model version it registered.
 
     Best effort: when the failure is the backend itself, these calls fail too, and the
     original error is what the user must see.
     """
+    reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
     try:
         for mv in client.search_model_versions(f"run_id='{run_id}'"):
             client.delete_model_version(mv.name, mv.version)
-        client.set_tag(run_id, "failure.reason", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_tag(run_id, "failure.reason", reason[:5000])
         client.set_terminated(run_id, "FAILED", end_time=int(time.time() * 1000))
     except Exception:  # noqa: BLE001 - the backend may be the thing that failed
         pass

@@ -3,10 +3,12 @@ flow's task runner, one summary table, and the winner through registration and t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,13 @@ from flows import run_record, tracking, workspace
 from flows.params import Params, load_params, yaml_scalar
 from flows.pipeline import (
     evaluate,
-    fetch_data,
     headline_tags,
-    prepare_data,
     promote,
+    refresh_data,
     register,
     train_model,
 )
+from flows.recovery import settle_dead_run
 from flows.sweep.spec import SELECTABLE_METRICS, TEST_FIGURES, SweepError, SweepSpec, load_sweep
 from flows.sweep.trials import Trial, expand_trials, plan_trials, same_family, sweep_key, with_keys
 
@@ -93,10 +95,21 @@ def latest_by_trial(children: Sequence[Any]) -> dict[str, Any]:
     return best
 
 
-@task(name="sweep-trial", task_run_name="trial-{trial.label}", cache_policy=NO_CACHE)
+@task(
+    name="sweep-trial",
+    task_run_name="trial-{trial.label}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[20, 60],
+    retry_condition_fn=tracking.retry_on_server_hiccup,
+)
 def run_trial(workdir: str, trial: Trial, run_id: str, tracking_uri: str) -> str:
     """Train and evaluate one trial into its child run (created by the flow), on whichever
-    worker the task runner picks. Resume is decided from MLflow, hence NO_CACHE."""
+    worker the task runner picks. Resume is decided from MLflow, hence NO_CACHE.
+
+    A trial cut short by the tracking server (down, restarting, its database restarting) is
+    interrupted, not failed: its run is KILLED and the task tries again twice, resuming from
+    the trial's last checkpoint; if the server is still away, rerunning the sweep resumes it."""
     import torch
 
     from vae_core.training import pick_device
@@ -125,7 +138,12 @@ def run_trial(workdir: str, trial: Trial, run_id: str, tracking_uri: str) -> str
         train = train_model(workdir, params, run_id, tracking_uri)
         evaluate(workdir, params, run_id, tracking_uri, train["model_dir"])
     except Exception as exc:
-        tracking.mark_failed(client, run_id, exc)
+        if not tracking.server_hiccup(exc):
+            tracking.mark_failed(client, run_id, exc)
+        else:  # resumable; telling the server may fail too
+            with contextlib.suppress(Exception):
+                client.set_tag(run_id, "interrupted.reason", f"{type(exc).__name__}: {exc}"[:5000])
+                client.set_terminated(run_id, "KILLED", end_time=int(time.time() * 1000))
         raise
     except BaseException:  # interrupted: resumable, not failed
         client.set_terminated(run_id, "KILLED", end_time=int(time.time() * 1000))
@@ -288,7 +306,11 @@ def _register_and_gate(client: MlflowClient, ctx: dict, trial: Trial, row: dict)
 
 @flow(name="vae-sweep", log_prints=True)
 def sweep_flow(
-    sweep_file: str, overrides: list[str], workdir: str, retry_failed: bool = False
+    sweep_file: str,
+    overrides: list[str],
+    workdir: str,
+    retry_failed: bool = False,
+    dvc_remote: str | None = None,
 ) -> dict[str, Any]:
     """Prepare the data once, run every unfinished trial as a child run through the flow's
     task runner, tabulate, and send the best trial through registration and the gate."""
@@ -297,9 +319,10 @@ def sweep_flow(
     trials = expand_trials(spec, load_params(root / workspace.PARAMS_NAME, overrides))
     client = tracking.connect(tracking.resolve_uri(root))
     tracking.ensure_reachable(client)  # an unreachable backend fails here, not after training
-    with workspace.exclusive(root, overrides) as base:
-        fetch_data(str(root))
-        lineage = prepare_data(str(root), base.data.dataset)
+    holder = tracking.prefect_context() | {"workspace": str(root)}
+    settle = partial(settle_dead_run, client=client)
+    with workspace.exclusive(root, overrides, holder, settle) as base:
+        lineage = refresh_data(root, base.data.dataset, dvc_remote)
         trials = with_keys(trials, lineage["processed_md5"])
         key = sweep_key(spec, trials)
         experiment_id = tracking.ensure_experiment(client, base.data.dataset, root)
@@ -441,6 +464,7 @@ def run_sweep(
     dask_address: str | None = None,
     dask_workers: int | None = None,
     retry_failed: bool = False,
+    dvc_remote: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a sweep on the task runner asked for; returns the flow's result. A bad
     sweep file, trial value or runner option is refused before Prefect starts."""
@@ -449,4 +473,4 @@ def run_sweep(
     expand_trials(spec, load_params(root / workspace.PARAMS_NAME, list(overrides)))
     runner = task_runner(max_workers, dask_address, dask_workers)
     run = sweep_flow.with_options(task_runner=runner, flow_run_name=f"sweep-{spec.name}")
-    return run(str(root / sweep_file), list(overrides), str(root), retry_failed)
+    return run(str(root / sweep_file), list(overrides), str(root), retry_failed, dvc_remote)
