@@ -269,6 +269,9 @@ def _servers(root: Path, stack: Stack, secrets_: dict[str, str]) -> Stack:
     prefect_db = _pg_url("postgresql+asyncpg", "prefect", pg_port, secrets_["PG_PREFECT_PASSWORD"])
     prefect_env = env | {
         "PREFECT_HOME": str(root / "prefect-home"),
+        # The UI's pages call this address (else http://127.0.0.1:4200/api, not this server).
+        "PREFECT_SERVER_UI_API_URL": f"http://{HOST}:{prefect_port}/api",
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
         "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",

@@ -352,6 +352,14 @@ def test_servers_keep_their_state_in_postgresql(stack, scenario) -> None:
     assert any((Path(stack.root) / "artifacts").rglob("model.safetensors"))
 
 
+def test_the_prefect_ui_calls_this_server(stack) -> None:
+    """The UI's pages fetch from the API address it is given: this server's, not Prefect's
+    default http://127.0.0.1:4200/api (seen: a blank page saying it cannot connect)."""
+    base = stack.prefect_api.removesuffix("/api")
+    with urllib.request.urlopen(f"{base}/ui-settings", timeout=30) as resp:
+        assert json.loads(resp.read())["api_url"] == stack.prefect_api
+
+
 def test_two_workers_run_one_deployment_each_in_its_own_clone(stack, team, scenario) -> None:
     """Both flow runs are of `team-nightly`; each MLflow run (one experiment) names the clone
     of the worker that ran it."""
