@@ -225,6 +225,12 @@ def scenario(stack, team, tiny_overrides, proc_tools, start_process) -> SimpleNa
     worker_a = team.start_worker("worker-a", team.ws_a)
     seen.fr_a = team.finish(team.submit({"overrides": tiny_overrides}), worker_a)
     worker_a.stop()
+    # What `git pull` brings clone B: the dvc.lock A's run wrote, which a team commits. It names
+    # the exact outputs A pushed (the classifier's bytes are not the same on every run, so the
+    # lock committed in the repository may name outputs no one pushed).
+    shutil.copy2(team.ws_a / "dvc.lock", team.ws_b / "dvc.lock")
+    git = ["git", "-c", "user.name=worker-a", "-c", "user.email=a@localhost"]
+    subprocess.run([*git, "commit", "-qam", "dvc.lock from worker A"], cwd=team.ws_b, check=True)
     # 2. Worker B, another clone, takes the second: it pulls the data, trains two epochs, and
     #    its version is gated against A's champion.
     worker_b = team.start_worker("worker-b", team.ws_b)
