@@ -81,6 +81,17 @@ def _flow_logs(stack, flow_run_id: str) -> list[str]:
     return [entry["message"] for entry in _prefect(stack, "POST", "/logs/filter", body)]
 
 
+def _logs_with(stack, flow_run_id: str, *prefixes: str) -> list[str]:
+    """The flow run's logs once a line starting with each prefix is there: a run's last lines
+    reach the server shortly after its final state does, so this waits for them."""
+
+    def ready():
+        logs = _flow_logs(stack, flow_run_id)
+        return all(any(line.startswith(p) for line in logs) for p in prefixes) and logs
+
+    return _wait(f"log lines {prefixes} of flow run {flow_run_id}", ready, timeout_s=120)
+
+
 def _as(stack, account: str, code: str, proc_tools) -> subprocess.CompletedProcess:
     """Python code run in a process that has only `account`'s environment."""
     from flows.team_stack import account_env
@@ -230,7 +241,11 @@ def scenario(stack, team, tiny_overrides, proc_tools, start_process) -> SimpleNa
     # lock committed in the repository may name outputs no one pushed).
     shutil.copy2(team.ws_a / "dvc.lock", team.ws_b / "dvc.lock")
     git = ["git", "-c", "user.name=worker-a", "-c", "user.email=a@localhost"]
-    subprocess.run([*git, "commit", "-qam", "dvc.lock from worker A"], cwd=team.ws_b, check=True)
+    subprocess.run(
+        [*git, "commit", "-q", "--allow-empty", "-am", "dvc.lock from worker A"],
+        cwd=team.ws_b,
+        check=True,
+    )
     # 2. Worker B, another clone, takes the second: it pulls the data, trains two epochs, and
     #    its version is gated against A's champion.
     worker_b = team.start_worker("worker-b", team.ws_b)
@@ -385,8 +400,8 @@ def test_two_workers_run_one_deployment_each_in_its_own_clone(stack, team, scena
 def test_data_reach_the_second_clone_through_the_dvc_remote(stack, scenario) -> None:
     """A's run made the data and pushed them; B's pulled them, and DVC re-ran no stage but the
     fingerprint of the source (which always runs)."""
-    logs_a = _flow_logs(stack, scenario.fr_a["id"])
-    logs_b = _flow_logs(stack, scenario.fr_b["id"])
+    logs_a = _logs_with(stack, scenario.fr_a["id"], "dvc repro ran: ", "dvc push -r shared: ")
+    logs_b = _logs_with(stack, scenario.fr_b["id"], "dvc repro ran: ", "dvc pull -r shared: ")
     assert "dvc repro ran: source, prepare, classifier" in logs_a
     assert any(line.startswith("dvc push -r shared: ") and "pushed" in line for line in logs_a)
     assert any(line.startswith("dvc pull -r shared: ") and "fetched" in line for line in logs_b)
@@ -418,7 +433,7 @@ def test_a_killed_worker_leaves_its_run_open_and_its_workspace_changed(scenario)
 
 def test_the_next_run_crashes_the_dead_run_and_restores_the_workspace(stack, scenario) -> None:
     assert scenario.fr_next["state_type"] == "COMPLETED"
-    logs = _flow_logs(stack, scenario.fr_next["id"])
+    logs = _logs_with(stack, scenario.fr_next["id"], "recovered the workspace", "up to date: ")
     assert any(line.startswith("recovered the workspace from a dead run: ") for line in logs)
     assert any(line.startswith(f"up to date: {MODEL} v2 was made from") for line in logs), logs
     # The dead flow run is Crashed, saying why and by whom; its MLflow run failed, nothing
