@@ -18,13 +18,13 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
 import pytest
+from integration_servers import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.team_stack]
 
@@ -89,7 +89,7 @@ def _logs_with(stack, flow_run_id: str, *prefixes: str) -> list[str]:
         logs = _flow_logs(stack, flow_run_id)
         return all(any(line.startswith(p) for line in logs) for p in prefixes) and logs
 
-    return _wait(f"log lines {prefixes} of flow run {flow_run_id}", ready, timeout_s=120)
+    return wait_for(f"log lines {prefixes} of flow run {flow_run_id}", ready, timeout_s=120)
 
 
 def _as(stack, account: str, code: str, proc_tools) -> subprocess.CompletedProcess:
@@ -132,19 +132,6 @@ def _champion(stack, proc_tools) -> str:
         f"print(json.dumps(c.get_model_version_by_alias({MODEL!r}, 'champion').version))",
         proc_tools,
     )
-
-
-def _wait(what: str, check, timeout_s: float = RUN_TIMEOUT_S, worker=None, every_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if worker is not None and not worker.alive():
-            pytest.fail(f"{worker.name} exited:\n{worker.tail()}")
-        time.sleep(every_s)
-    tail = f"\n{worker.name}:\n{worker.tail(120)}" if worker is not None else ""
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}{tail}")
 
 
 def _snapshot(ws: Path) -> dict[str, bytes]:
@@ -212,10 +199,11 @@ def team(stack, workspace_factory, proc_tools, tmp_path_factory, start_process) 
         return _prefect(stack, "POST", path, {"parameters": parameters})["id"]
 
     def finish(flow_run_id: str, worker) -> dict:
-        return _wait(
+        return wait_for(
             f"flow run {flow_run_id} to end",
             lambda: (r := _flow_run(stack, flow_run_id))["state_type"] in FINAL and r,
-            worker=worker,
+            RUN_TIMEOUT_S,
+            proc=worker,
         )
 
     return SimpleNamespace(
@@ -262,10 +250,11 @@ def scenario(stack, team, tiny_overrides, proc_tools, start_process) -> SimpleNa
         "select count(*) from metrics m join tags t on t.run_uuid = m.run_uuid where "
         f"t.key = 'prefect.flow_run_id' and t.value = '{killed}' and m.key = 'val/neg_elbo'"
     )
-    _wait(
+    wait_for(
         "the doomed run's first epoch",
         lambda: int(_psql(stack, "mlflow", epochs_logged)),
-        worker=worker_b,
+        RUN_TIMEOUT_S,
+        proc=worker_b,
         every_s=0.5,
     )
     seen.killed_pids = _kill_tree(worker_b.popen.pid)
@@ -323,10 +312,11 @@ def _sweep_through_a_database_restart(stack, team, tiny_overrides, proc_tools, s
         "select count(*) from task_run where name = 'trial-t00' and state_type = 'COMPLETED'"
     )
     sweep = start_process("sweep", cmd, env=env, cwd=team.ws_a)
-    _wait(
+    wait_for(
         "the sweep's first trial to complete",
         lambda: int(_psql(stack, "prefect", trial_done)),
-        worker=sweep,
+        RUN_TIMEOUT_S,
+        proc=sweep,
         every_s=0.5,
     )
     seen = SimpleNamespace(first=_psql(stack, "mlflow", complete).splitlines()[0].split("|"))
