@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vae_core.models import VAEConfig, build_vae
-from vae_core.models.likelihoods import continuous_bernoulli_log_prob
+from vae_core.models.likelihoods import bernoulli_log_prob, continuous_bernoulli_log_prob
 from vae_core.objectives import beta_at, gaussian_kl
 
 
@@ -50,6 +51,39 @@ def test_elbo_is_a_sum_over_pixels_not_a_mean():
     x = torch.ones(1, 1, 28, 28)
     per_pixel = -math.log1p(math.exp(-2.0))  # log sigmoid(2)
     assert elbo_terms(model, x).log_px_z.item() == pytest.approx(784 * per_pixel, rel=1e-5)
+
+
+@pytest.mark.parametrize("grey", [False, True], ids=["binary", "grey"])
+def test_bernoulli_log_prob_and_its_gradient_match_torch_in_float64(grey):
+    """The hand-fused log-probability against torch's own loss computed in float64, on logits
+    from -60 to 60 (where a careless softplus overflows or loses the small term)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 1, 28, 28, generator=gen) * 8.0
+    logits[0].view(-1)[:200] = torch.linspace(-60.0, 60.0, 200)
+    x = torch.rand(logits.shape, generator=gen)
+    x = x if grey else (x < 0.4).float()
+    weights = torch.rand(16, generator=gen)  # a gradient that differs per example
+
+    ours_logits = logits.clone().requires_grad_()
+    ours = bernoulli_log_prob(x, ours_logits)
+    (ours * weights).sum().backward()
+
+    ref_logits = logits.double().requires_grad_()
+    bce = F.binary_cross_entropy_with_logits(ref_logits, x.double(), reduction="none")
+    ref = -bce.flatten(1).sum(1)
+    (ref * weights.double()).sum().backward()
+
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours.double(), ref.detach(), rtol=0, atol=2e-3)
+    assert torch.allclose(ours_logits.grad.double(), ref_logits.grad, rtol=0, atol=1e-6)
+
+
+def test_bernoulli_log_prob_gives_the_gradient_in_x_too():
+    """d/dx of x l - softplus(l) is l: asked for when the images themselves require grad."""
+    logits = torch.randn(3, 1, 28, 28)
+    x = torch.rand(3, 1, 28, 28, requires_grad=True)
+    bernoulli_log_prob(x, logits).sum().backward()
+    assert torch.allclose(x.grad, logits)
 
 
 @pytest.mark.parametrize("logit", [-6.0, -0.3, 0.0, 1e-4, 2.5])
