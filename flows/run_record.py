@@ -19,6 +19,7 @@ from typing import Any
 EPOCH_METRICS = {
     "train_neg_elbo": "train/neg_elbo",
     "val_neg_elbo": "val/neg_elbo",
+    "val_neg_iwae": "val/neg_iwae",  # iwae objective only: what chooses its weights
     "val_recon": "val/recon",
     "val_kl": "val/kl",
     "samples_per_second": "time/train_images_per_second",
@@ -33,6 +34,7 @@ EPOCH_OBJECTIVE = ("train_loss", "train/loss")
 #: Training totals -> MLflow metric key.
 TRAIN_FIGURES = {
     "best_val_neg_elbo": "val/best_neg_elbo",
+    "best_val_neg_iwae": "val/best_neg_iwae",
     "best_epoch": "train/best_epoch",
     "epochs": "train/epochs",
     "train_samples_per_second": "time/mean_train_images_per_second",
@@ -164,12 +166,28 @@ def description(
     is_nll = "test/nll_iwae" in figures
     iwae_name = "test/nll_iwae" if is_nll else "test/neg_iwae_bce_greylevels"
     holdout_name = "holdout/nll_iwae" if is_nll else "holdout/neg_iwae_bce_greylevels"
+    best_epoch = (
+        f"the best epoch ({train_metrics.get('best_epoch')} of {train_metrics.get('epochs')})"
+    )
+    chooses = "; chooses the weights (early stopping)"
+    by_iwae = "val/best_neg_iwae" in figures
     rows = [
         _row(
             "val/best_neg_elbo",
             figures.get("val/best_neg_elbo"),
-            f"-ELBO on the validation split at the best epoch ({train_metrics.get('best_epoch')}"
-            " of " + f"{train_metrics.get('epochs')}); chooses the weights (early stopping)",
+            f"-ELBO on the validation split at {best_epoch}" + ("" if by_iwae else chooses),
+        ),
+        *(
+            [
+                _row(
+                    "val/best_neg_iwae",
+                    figures.get("val/best_neg_iwae"),
+                    f"-IWAE bound with train.iwae_k samples (the training objective) on the "
+                    f"validation split at {best_epoch}{chooses}",
+                )
+            ]
+            if by_iwae
+            else []
         ),
         _row(iwae_name, figures.get(iwae_name), str(m.get(_source(iwae_name) + "_estimator", ""))),
         _row("test/neg_elbo", figures.get("test/neg_elbo"), str(m.get("test_neg_elbo_estimator"))),

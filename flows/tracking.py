@@ -380,7 +380,7 @@ def set_description(client: MlflowClient, run_id: str, markdown: str) -> None:
 
 
 def loss_curve(history: list[dict]):
-    """A matplotlib figure of train and validation -ELBO per epoch."""
+    """A matplotlib figure of the train and validation figures per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,8 +388,15 @@ def loss_curve(history: list[dict]):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_neg_elbo"] for h in history], marker="o", label="train -ELBO")
+    # Under the iwae objective (k > 1) the trainer's train figure is the -IWAE bound, and the
+    # validation -IWAE bound is what chooses the weights.
+    iwae = bool(history) and "val_neg_iwae" in history[0]
+    train_label = "train -IWAE bound" if iwae else "train -ELBO"
+    ax.plot(epochs, [h["train_neg_elbo"] for h in history], marker="o", label=train_label)
     ax.plot(epochs, [h["val_neg_elbo"] for h in history], marker="o", label="validation -ELBO")
+    if iwae:
+        bound = [h["val_neg_iwae"] for h in history]
+        ax.plot(epochs, bound, marker="o", label="validation -IWAE bound")
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per image")
     ax.legend()

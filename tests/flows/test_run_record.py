@@ -73,3 +73,17 @@ def test_figure_names_refuse_what_is_not_a_figure() -> None:
     assert run_record.figure_name("test_neg_elbo") == "test/neg_elbo"
     with pytest.raises(KeyError, match="iwae_k: not a figure"):
         run_record.figure_name("iwae_k")
+
+
+@pytest.mark.parametrize("by_iwae", [False, True], ids=["elbo-objective", "iwae-objective"])
+def test_the_description_names_the_figure_that_chose_the_weights(by_iwae) -> None:
+    train = {"best_epoch": 7, "epochs": 9, "best_val_neg_elbo": 95.0}
+    if by_iwae:
+        train["best_val_neg_iwae"] = 93.0
+    figures = run_record.training_figures(train)
+    assert ("val/best_neg_iwae" in figures) == by_iwae
+    text = run_record.description(train, {"data_variant": "binarized"}, figures)
+    rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `")}
+    chooser = "val/best_neg_iwae" if by_iwae else "val/best_neg_elbo"
+    assert "chooses the weights" in rows[chooser] and "epoch (7 of 9)" in rows[chooser]
+    assert [name for name, row in rows.items() if "chooses the weights" in row] == [chooser]

@@ -86,6 +86,45 @@ def test_early_stopping_stops_when_validation_worsens_and_keeps_the_best_epoch(t
     assert all(v > result.best_val_neg_elbo for v in val[result.best_epoch :])  # it did worsen
 
 
+def test_an_iwae_model_is_stopped_and_kept_by_its_validation_iwae_bound(tmp_path):
+    # The overfitting set-up above, trained for the IWAE bound with k=5: early stopping and the
+    # kept weights follow the -IWAE bound (with fixed noise), not the -ELBO.
+    from vae_core.objectives import dataset_iwae_bound
+    from vae_core.training import EVAL_BATCH_SIZE
+
+    cfg = _config(epochs=200, lr=3e-3, batch_size=16, patience=3, objective="iwae", iwae_k=5)
+    trainer = Trainer(
+        build_vae(VAEConfig(hidden_sizes=[256], latent_dim=8), seed=0), cfg, progress=False
+    )
+    val_images = _images(64, 1)
+    result = trainer.fit(_images(16, 0), val_images, tmp_path)
+    bound = [m["val_neg_iwae"] for m in result.history]
+    assert result.stopped_early and result.best_epoch == result.epochs_completed - 3
+    assert min(bound) == bound[result.best_epoch - 1] == result.best_val_neg_iwae
+    assert all(v > result.best_val_neg_iwae for v in bound[result.best_epoch :])
+    assert result.best_val_score == result.best_val_neg_iwae
+    assert result.best_val_neg_elbo == result.history[result.best_epoch - 1]["val_neg_elbo"]
+    again = dataset_iwae_bound(
+        trainer.model,
+        trainer._fixed_validation_set(val_images),
+        5,
+        EVAL_BATCH_SIZE,
+        trainer._eval_generator(),
+    )
+    assert float(-again.mean()) == pytest.approx(result.best_val_neg_iwae, rel=1e-6)
+    checkpoint = load_checkpoint(tmp_path / "last.pt")
+    assert checkpoint["best_val_score"] == result.best_val_neg_iwae
+
+
+def test_the_elbo_objective_is_chosen_by_the_elbo_alone(tmp_path):
+    result = Trainer(build_vae(SMALL, seed=0), _config(epochs=2), progress=False).fit(
+        _images(128, 0), _images(32, 1), tmp_path
+    )
+    assert all("val_neg_iwae" not in m for m in result.history)
+    assert result.best_val_neg_iwae is None
+    assert result.best_val_score == result.best_val_neg_elbo
+
+
 def test_a_non_finite_validation_loss_stops_training_before_saving_that_epoch(tmp_path):
     val = _images(16, 1).float() / 255.0
     val[0, 0, 0] = float("nan")  # no finite -ELBO can come out of this validation set

@@ -60,8 +60,8 @@ def run_training(
     progress: bool = True,
     model: VAE | None = None,
 ) -> TrainOutcome:
-    """Train and keep the best weights (by validation -ELBO); the test set is not touched here,
-    evaluation reports it.
+    """Train and keep the best weights (by the validation -ELBO, or the -IWAE bound under the
+    iwae objective); the test set is not touched here, evaluation reports it.
 
     Writes out_dir/checkpoints/{last,best}.pt (a rerun resumes from them) and
     out_dir/model/{model.pt,model_config.json}, the model evaluation and registration read.
@@ -82,6 +82,11 @@ def run_training(
     model = trainer.model
     metrics = {
         "best_val_neg_elbo": result.best_val_neg_elbo,
+        **(
+            {"best_val_neg_iwae": result.best_val_neg_iwae}
+            if result.best_val_neg_iwae is not None
+            else {}
+        ),
         "best_epoch": result.best_epoch,
         "epochs": result.epochs_completed,
         "stopped_early": result.stopped_early,

@@ -19,7 +19,13 @@ from vae_core.atomic import atomic_torch_save
 from vae_core.config import TrainConfig
 from vae_core.errors import VaeError
 from vae_core.models.vae import VAE
-from vae_core.objectives import beta_at, dataset_elbo, draw_noise, training_loss
+from vae_core.objectives import (
+    beta_at,
+    dataset_elbo,
+    dataset_iwae_bound,
+    draw_noise,
+    training_loss,
+)
 from vae_core.training.checkpoint import (
     BEST_WEIGHTS_NAME,
     CHECKPOINT_NAME,
@@ -50,7 +56,11 @@ class NonFiniteLossError(VaeError, RuntimeError):
 class TrainResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
-    best_val_neg_elbo: float = math.inf
+    # What early stopping minimises on the validation split (`Trainer.validation_score`): the
+    # -ELBO, or the -IWAE bound with train.iwae_k samples under the iwae objective.
+    best_val_score: float = math.inf
+    best_val_neg_elbo: float = math.inf  # the validation -ELBO of the kept weights
+    best_val_neg_iwae: float | None = None  # their -IWAE bound (iwae objective only)
     epochs_completed: int = 0
     stopped_early: bool = False  # by early stopping on the validation split
     stopped_by_time: bool = False  # by train.max_minutes
@@ -103,7 +113,9 @@ class Trainer:
             "noise_rng": self.noise_gen.get_state().cpu(),
             "history": result.history,
             "best_epoch": result.best_epoch,
+            "best_val_score": result.best_val_score,
             "best_val_neg_elbo": result.best_val_neg_elbo,
+            "best_val_neg_iwae": result.best_val_neg_iwae,
             "epochs_since_best": since_best,
             "model_config": self.model.config.to_dict(),
             "train_config": self._resumable_settings(),
@@ -142,6 +154,9 @@ class Trainer:
         result.history = list(state["history"])
         result.best_epoch = int(state["best_epoch"])
         result.best_val_neg_elbo = float(state["best_val_neg_elbo"])
+        result.best_val_neg_iwae = state.get("best_val_neg_iwae")
+        # (Checkpoints written before the IWAE selection existed chose by the -ELBO.)
+        result.best_val_score = float(state.get("best_val_score", result.best_val_neg_elbo))
         result.resumed_from_epoch = int(state["epoch"])
         return int(state["epochs_since_best"])
 
@@ -190,28 +205,22 @@ class Trainer:
             seen += n
             train_seconds += seconds
 
-            val = dataset_elbo(self.model, val_x, EVAL_BATCH_SIZE, self._eval_generator())
-            val_neg_elbo = float(-val.elbo.mean())
-            if not math.isfinite(val_neg_elbo):
-                raise NonFiniteLossError(
-                    f"validation -ELBO became {val_neg_elbo} after epoch {epoch + 1}; stopped "
-                    "before saving that epoch (try a lower train.lr)"
-                )
             metrics = {
                 "epoch": epoch + 1,
                 "beta": beta,
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "train_loss": train_loss,
                 "train_neg_elbo": train_neg_elbo,
-                "val_neg_elbo": val_neg_elbo,
-                "val_recon": float(-val.log_px_z.mean()),
-                "val_kl": float(val.kl.mean()),
+                **self._validate(val_x, epoch),
                 "epoch_seconds": seconds,
                 "samples_per_second": n / seconds,
             }
             result.history.append(metrics)
-            if val_neg_elbo < result.best_val_neg_elbo:
-                result.best_val_neg_elbo, result.best_epoch, since_best = val_neg_elbo, epoch + 1, 0
+            score = self.validation_score(metrics)
+            if score < result.best_val_score:
+                result.best_val_score, result.best_epoch, since_best = score, epoch + 1, 0
+                result.best_val_neg_elbo = metrics["val_neg_elbo"]
+                result.best_val_neg_iwae = metrics.get("val_neg_iwae")
                 if checkpoint_dir:
                     atomic_torch_save(
                         self.model.state_dict(), Path(checkpoint_dir) / BEST_WEIGHTS_NAME
@@ -268,6 +277,36 @@ class Trainer:
         train_loss = float(loss_sum) / n
         bar.close(f"loss {train_loss:.2f}")
         return train_loss, float(neg_elbo_sum) / n
+
+    def _validate(self, val_x: torch.Tensor, epoch: int) -> dict[str, float]:
+        """The validation figures of one epoch, with fixed noise: the -ELBO and its two terms,
+        and under the iwae objective the -IWAE bound with train.iwae_k samples as well."""
+        val = dataset_elbo(self.model, val_x, EVAL_BATCH_SIZE, self._eval_generator())
+        figures = {
+            "val_neg_elbo": float(-val.elbo.mean()),
+            "val_recon": float(-val.log_px_z.mean()),
+            "val_kl": float(val.kl.mean()),
+        }
+        if self.config.objective == "iwae" and self.config.iwae_k > 1:
+            bound = dataset_iwae_bound(
+                self.model, val_x, self.config.iwae_k, EVAL_BATCH_SIZE, self._eval_generator()
+            )
+            figures["val_neg_iwae"] = float(-bound.mean())
+        for name, value in figures.items():
+            if not math.isfinite(value):
+                what = "-IWAE bound" if name == "val_neg_iwae" else "-ELBO"
+                raise NonFiniteLossError(
+                    f"validation {what} became {value} after epoch {epoch + 1}; stopped "
+                    "before saving that epoch (try a lower train.lr)"
+                )
+        return figures
+
+    @staticmethod
+    def validation_score(figures: dict) -> float:
+        """What early stopping and the kept weights minimise: the objective the model is
+        trained for, on the validation split. An IWAE-trained model has a looser ELBO than a
+        VAE but a tighter IWAE bound, and the epoch with the best ELBO need not be its best."""
+        return figures.get("val_neg_iwae", figures["val_neg_elbo"])
 
     def _noise(self, batch: int) -> torch.Tensor:
         """eps for one step: (B, noise_dim) for the ELBO, (B, k, noise_dim) for the IWAE bound."""
