@@ -34,3 +34,12 @@ def test_exponential_decay_goes_from_lr_to_lr_times_lr_final():
 def test_constant_keeps_the_learning_rate():
     cfg = TrainConfig(lr=3e-4, lr_schedule="constant")
     assert {lr_at(e, cfg) for e in (0, 7, 900)} == {3e-4}
+
+
+def test_a_spent_time_budget_moves_the_exponential_decay_forward_but_never_back():
+    cfg = TrainConfig(lr=1e-3, lr_schedule="exponential", lr_final=0.1, epochs=101)
+    assert lr_at(10, cfg, budget_spent=0.5) == pytest.approx(1e-3 * 0.1**0.5)
+    assert lr_at(80, cfg, budget_spent=0.5) == pytest.approx(1e-3 * 0.1**0.8)  # epochs lead
+    assert lr_at(10, cfg, budget_spent=3.0) == pytest.approx(1e-4)  # over budget: the floor
+    burda = TrainConfig(lr=1e-3, lr_schedule="burda")
+    assert lr_at(0, burda, budget_spent=0.9) == pytest.approx(1e-3)  # Burda's own stages

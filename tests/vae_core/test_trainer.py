@@ -269,3 +269,55 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
     more = Trainer(build_vae(SMALL, seed=0), _config(epochs=2, patience=3), progress=False)
     result = more.fit(_images(128, 0), _images(32, 1), tmp_path)
     assert result.resumed_from_epoch == 1 and result.epochs_completed == 2
+
+
+class _Clock:
+    """A clock that advances `step` seconds per epoch (the trainer reads it twice per epoch),
+    so the time budget is tested without depending on the machine's speed."""
+
+    def __init__(self, step: float):
+        self.now, self.step, self.reads = 0.0, step, 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        if self.reads % 2 == 0:
+            self.now += self.step
+        return self.now
+
+
+def test_a_time_budget_ends_the_exponential_schedule_at_its_final_rate(tmp_path):
+    # 100 epochs planned, a 1-minute budget, 20 s per epoch: the budget stops the run after 3
+    # epochs, and the decay follows the budget (the share spent by each epoch's end, 0, 2/3
+    # and 1) instead of the 100 epochs, so the last epoch runs at lr * lr_final.
+    cfg = _config(epochs=100, lr=1e-3, lr_schedule="exponential", lr_final=0.1, max_minutes=1.0)
+    trainer = Trainer(build_vae(SMALL, seed=0), cfg, progress=False)
+    trainer.clock = _Clock(20.0)
+    result = trainer.fit(_images(64, 0), _images(16, 1), tmp_path / "straight")
+    assert result.stopped_by_time and result.epochs_completed == 3
+    rates = [m["lr"] for m in result.history]
+    assert rates == pytest.approx([1e-3, 1e-3 * 0.1 ** (2 / 3), 1e-4])
+
+    # Interrupted after epoch 2 and resumed: the checkpoint carries the time spent, so the
+    # resumed run takes the same rates and stops at the same epoch.
+    def stop_after_second_epoch(metrics):
+        if metrics["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    first = Trainer(build_vae(SMALL, seed=0), cfg, progress=False)
+    first.clock = _Clock(20.0)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(_images(64, 0), _images(16, 1), tmp_path / "resumed", [stop_after_second_epoch])
+    second = Trainer(build_vae(SMALL, seed=0), cfg, progress=False)
+    second.clock = _Clock(20.0)
+    resumed = second.fit(_images(64, 0), _images(16, 1), tmp_path / "resumed")
+    assert resumed.resumed_from_epoch == 2 and resumed.epochs_completed == 3
+    assert [m["lr"] for m in resumed.history] == pytest.approx(rates)
+
+
+def test_without_a_time_budget_the_schedule_follows_the_epochs(tmp_path):
+    cfg = _config(epochs=3, lr=1e-3, lr_schedule="exponential", lr_final=0.1)
+    trainer = Trainer(build_vae(SMALL, seed=0), cfg, progress=False)
+    trainer.clock = _Clock(1000.0)  # slow epochs change nothing without max_minutes
+    result = trainer.fit(_images(64, 0), _images(16, 1), tmp_path)
+    assert not result.stopped_by_time
+    assert [m["lr"] for m in result.history] == pytest.approx([1e-3, 1e-3 * 0.1**0.5, 1e-4])

@@ -98,6 +98,10 @@ class Trainer:
         self.noise_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         # The noise is drawn outside the loss, so the compiled graph has no seeded randn in it.
         self.loss_fn = torch.compile(training_loss) if config.compile else training_loss
+        # Training time against train.max_minutes, across resumes (checkpoints carry it).
+        self.clock: Callable[[], float] = time.perf_counter
+        self.budget_seconds = 0.0
+        self.last_epoch_seconds = 0.0
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda":
@@ -117,6 +121,8 @@ class Trainer:
             "best_val_neg_elbo": result.best_val_neg_elbo,
             "best_val_neg_iwae": result.best_val_neg_iwae,
             "epochs_since_best": since_best,
+            "budget_seconds": self.budget_seconds,
+            "last_epoch_seconds": self.last_epoch_seconds,
             "model_config": self.model.config.to_dict(),
             "train_config": self._resumable_settings(),
         }
@@ -158,6 +164,8 @@ class Trainer:
         # (Checkpoints written before the IWAE selection existed chose by the -ELBO.)
         result.best_val_score = float(state.get("best_val_score", result.best_val_neg_elbo))
         result.resumed_from_epoch = int(state["epoch"])
+        self.budget_seconds = float(state.get("budget_seconds", 0.0))
+        self.last_epoch_seconds = float(state.get("last_epoch_seconds", 0.0))
         return int(state["epochs_since_best"])
 
     def fit(
@@ -198,12 +206,14 @@ class Trainer:
                 result.stopped_early = True
                 break
             beta = beta_at(epoch, cfg.beta, cfg.warmup_epochs)
-            t0 = time.perf_counter()
+            t0 = self.clock()
             train_loss, train_neg_elbo = self.train_epoch(train_x, epoch, beta)
             _synchronize(self.device)
-            seconds = time.perf_counter() - t0
+            seconds = self.clock() - t0
             seen += n
             train_seconds += seconds
+            self.budget_seconds += seconds
+            self.last_epoch_seconds = seconds
 
             metrics = {
                 "epoch": epoch + 1,
@@ -231,7 +241,7 @@ class Trainer:
                 atomic_torch_save(self._state(epoch + 1, result, since_best), ckpt_path)
             for callback in callbacks:
                 callback(metrics)
-            if cfg.max_minutes and train_seconds >= 60.0 * cfg.max_minutes:
+            if cfg.max_minutes and self.budget_seconds >= 60.0 * cfg.max_minutes:
                 result.stopped_by_time = epoch + 1 < cfg.epochs
                 break
 
@@ -242,11 +252,19 @@ class Trainer:
         self._load_best(checkpoint_dir)
         return result
 
+    def budget_spent_by_end_of_epoch(self) -> float:
+        """The share of train.max_minutes spent once the coming epoch ends, if it takes as
+        long as the last one did (0 without a budget): what a budgeted schedule follows."""
+        if not self.config.max_minutes:
+            return 0.0
+        expected = self.budget_seconds + self.last_epoch_seconds
+        return expected / (60.0 * self.config.max_minutes)
+
     def train_epoch(self, train_x: torch.Tensor, epoch: int, beta: float) -> tuple[float, float]:
         cfg = self.config
         self.model.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(epoch, cfg)
+            group["lr"] = lr_at(epoch, cfg, self.budget_spent_by_end_of_epoch())
         n = len(train_x)
         order = torch.randperm(n, generator=self.shuffle_gen).to(self.device)
         if cfg.data_variant == "binarized":
