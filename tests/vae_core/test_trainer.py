@@ -313,6 +313,10 @@ def test_a_time_budget_ends_the_exponential_schedule_at_its_final_rate(tmp_path)
     assert resumed.resumed_from_epoch == 2 and resumed.epochs_completed == 3
     assert [m["lr"] for m in resumed.history] == pytest.approx(rates)
 
+    # A fresh start on the same trainer starts with the whole budget again.
+    again = trainer.fit(_images(64, 0), _images(16, 1), tmp_path / "again")
+    assert [m["lr"] for m in again.history] == pytest.approx(rates)
+
 
 def test_without_a_time_budget_the_schedule_follows_the_epochs(tmp_path):
     cfg = _config(epochs=3, lr=1e-3, lr_schedule="exponential", lr_final=0.1)

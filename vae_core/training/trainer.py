@@ -100,8 +100,7 @@ class Trainer:
         self.loss_fn = torch.compile(training_loss) if config.compile else training_loss
         # Training time against train.max_minutes, across resumes (checkpoints carry it).
         self.clock: Callable[[], float] = time.perf_counter
-        self.budget_seconds = 0.0
-        self.last_epoch_seconds = 0.0
+        self.budget_seconds = self.last_epoch_seconds = 0.0
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda":
@@ -186,6 +185,7 @@ class Trainer:
         train_x = to_unit_float(train_images).to(self.device)
         val_x = self._fixed_validation_set(val_images)
         result = TrainResult(device=str(self.device))
+        self.budget_seconds = self.last_epoch_seconds = 0.0  # unless a checkpoint says more
         since_best = 0
         start_epoch = 0
         ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
