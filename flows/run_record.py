@@ -170,25 +170,25 @@ def description(
         f"the best epoch ({train_metrics.get('best_epoch')} of {train_metrics.get('epochs')})"
     )
     chooses = "; chooses the weights (early stopping)"
-    by_iwae = "val/best_neg_iwae" in figures
-    rows = [
+    by_iwae = "val/best_neg_iwae" in figures  # the iwae objective: its bound chooses
+    validation_rows = [
         _row(
             "val/best_neg_elbo",
             figures.get("val/best_neg_elbo"),
             f"-ELBO on the validation split at {best_epoch}" + ("" if by_iwae else chooses),
-        ),
-        *(
-            [
-                _row(
-                    "val/best_neg_iwae",
-                    figures.get("val/best_neg_iwae"),
-                    f"-IWAE bound with train.iwae_k samples (the training objective) on the "
-                    f"validation split at {best_epoch}{chooses}",
-                )
-            ]
-            if by_iwae
-            else []
-        ),
+        )
+    ]
+    if by_iwae:
+        validation_rows.append(
+            _row(
+                "val/best_neg_iwae",
+                figures.get("val/best_neg_iwae"),
+                "-IWAE bound with train.iwae_k samples (the training objective) on the "
+                f"validation split at {best_epoch}{chooses}",
+            )
+        )
+    rows = [
+        *validation_rows,
         _row(iwae_name, figures.get(iwae_name), str(m.get(_source(iwae_name) + "_estimator", ""))),
         _row("test/neg_elbo", figures.get("test/neg_elbo"), str(m.get("test_neg_elbo_estimator"))),
         _row(

@@ -20,7 +20,6 @@ __all__ = [
     "ElboTerms",
     "beta_at",
     "dataset_elbo",
-    "dataset_iwae_bound",
     "draw_noise",
     "gaussian_kl",
     "iwae_bound",
@@ -102,21 +101,3 @@ def dataset_elbo(
     return ElboTerms(
         log_px_z=torch.cat([p.log_px_z for p in parts]), kl=torch.cat([p.kl for p in parts])
     )
-
-
-@torch.no_grad()
-def dataset_iwae_bound(
-    model: nn.Module,
-    x: torch.Tensor,
-    k: int,
-    rows: int = 10_000,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The IWAE bound with k samples for every example of x (nats, shape (N,)), in chunks of
-    about `rows` image-samples without gradients: what an IWAE-trained model is selected by."""
-    per_chunk = max(1, rows // k)
-    parts = []
-    for i in range(0, len(x), per_chunk):
-        xb = x[i : i + per_chunk]
-        parts.append(iwae_bound(model, xb, draw_noise(model, len(xb), k, xb.device, generator)))
-    return torch.cat(parts)

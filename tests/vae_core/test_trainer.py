@@ -89,8 +89,7 @@ def test_early_stopping_stops_when_validation_worsens_and_keeps_the_best_epoch(t
 def test_an_iwae_model_is_stopped_and_kept_by_its_validation_iwae_bound(tmp_path):
     # The overfitting set-up above, trained for the IWAE bound with k=5: early stopping and the
     # kept weights follow the -IWAE bound (with fixed noise), not the -ELBO.
-    from vae_core.objectives import dataset_iwae_bound
-    from vae_core.training import EVAL_BATCH_SIZE
+    from vae_core.evaluation.likelihood import iwae_log_likelihood
 
     cfg = _config(epochs=200, lr=3e-3, batch_size=16, patience=3, objective="iwae", iwae_k=5)
     trainer = Trainer(
@@ -104,12 +103,8 @@ def test_an_iwae_model_is_stopped_and_kept_by_its_validation_iwae_bound(tmp_path
     assert all(v > result.best_val_neg_iwae for v in bound[result.best_epoch :])
     assert result.best_val_score == result.best_val_neg_iwae
     assert result.best_val_neg_elbo == result.history[result.best_epoch - 1]["val_neg_elbo"]
-    again = dataset_iwae_bound(
-        trainer.model,
-        trainer._fixed_validation_set(val_images),
-        5,
-        EVAL_BATCH_SIZE,
-        trainer._eval_generator(),
+    again = iwae_log_likelihood(
+        trainer.model, trainer._fixed_validation_set(val_images), 5, seed=trainer._eval_seed
     )
     assert float(-again.mean()) == pytest.approx(result.best_val_neg_iwae, rel=1e-6)
     checkpoint = load_checkpoint(tmp_path / "last.pt")

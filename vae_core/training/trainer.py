@@ -18,14 +18,9 @@ import torch
 from vae_core.atomic import atomic_torch_save
 from vae_core.config import TrainConfig
 from vae_core.errors import VaeError
+from vae_core.evaluation.likelihood import iwae_log_likelihood
 from vae_core.models.vae import VAE
-from vae_core.objectives import (
-    beta_at,
-    dataset_elbo,
-    dataset_iwae_bound,
-    draw_noise,
-    training_loss,
-)
+from vae_core.objectives import beta_at, dataset_elbo, draw_noise, training_loss
 from vae_core.training.checkpoint import (
     BEST_WEIGHTS_NAME,
     CHECKPOINT_NAME,
@@ -306,9 +301,7 @@ class Trainer:
             "val_kl": float(val.kl.mean()),
         }
         if self.config.objective == "iwae" and self.config.iwae_k > 1:
-            bound = dataset_iwae_bound(
-                self.model, val_x, self.config.iwae_k, EVAL_BATCH_SIZE, self._eval_generator()
-            )
+            bound = iwae_log_likelihood(self.model, val_x, self.config.iwae_k, seed=self._eval_seed)
             figures["val_neg_iwae"] = float(-bound.mean())
         for name, value in figures.items():
             if not math.isfinite(value):
@@ -339,8 +332,13 @@ class Trainer:
             val_x = torch.bernoulli(val_x, generator=gen)
         return val_x
 
+    @property
+    def _eval_seed(self) -> int:
+        """The validation noise's seed: the same every epoch, so figures compare."""
+        return self.config.seed + 3
+
     def _eval_generator(self) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(self.config.seed + 3)
+        return torch.Generator(device=self.device).manual_seed(self._eval_seed)
 
     def _load_best(self, checkpoint_dir: Path | None) -> None:
         best = Path(checkpoint_dir) / BEST_WEIGHTS_NAME if checkpoint_dir else None
