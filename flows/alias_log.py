@@ -46,6 +46,20 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _take_over(client: MlflowClient, name: str, expired_since: int) -> None:
+    """Delete an expired lock, unless another waiter already replaced it with a fresh one:
+    re-read it just before deleting and delete only the lock we judged expired. MLflow has no
+    compare-and-delete, so two waiters could still race within those two calls; with a lease
+    of LEASE_S that needs a holder to die and two waiters to wake within milliseconds."""
+    try:
+        current = client.get_registered_model(name)
+        if current.creation_timestamp == expired_since:
+            client.delete_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":  # already taken over and released
+            raise
+
+
 @contextmanager
 def registry_lock(
     client: MlflowClient, model_name: str, holder: str, wait_s: float = 600.0
@@ -64,6 +78,10 @@ def registry_lock(
             )
             break
         except MlflowException as exc:
+            # RESOURCE_DOES_NOT_EXIST: the SQL store reports a taken name by reading the row
+            # back, and the holder released it in between: free now, so try again at once.
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         try:
@@ -73,7 +91,7 @@ def registry_lock(
         age_s = time.time() - held.creation_timestamp / 1000
         who = held.tags.get("lock.holder", "?")
         if age_s > LEASE_S:  # its holder died holding it
-            client.delete_registered_model(name)
+            _take_over(client, name, held.creation_timestamp)
             continue
         if time.monotonic() > deadline:
             raise RegistryBusy(

@@ -44,8 +44,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         holdout_size=data.holdout_size,
         split_seed=data.split_seed,
         binarize_seed=data.binarize_seed,
-        retries=params.fetch.retries,
-        backoff_s=params.fetch.backoff_s,
     )
     outcome = run_training(splits, params.model, params.train, args.out, resume=not args.no_resume)
     x_test = split_inputs(splits, "test", params.train.data_variant)
@@ -125,7 +123,8 @@ def _add_dvc_remote(p: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     _quiet_prefect_defaults()
-    load_params(Path(args.workdir) / DEFAULT_PATH, args.overrides)  # fail fast, before Prefect
+    # Fail fast, before Prefect starts; the flow's own check reuses this parse (same bytes).
+    load_params(Path(args.workdir) / DEFAULT_PATH, args.overrides)
     from flows.pipeline import training_pipeline
 
     result = training_pipeline(

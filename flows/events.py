@@ -2,8 +2,9 @@
 champion, tell someone a model was rejected, note a skipped night).
 
     vae.model.promoted    the gate moved @champion to this version
-    vae.model.rejected    the gate kept the champion; this version stays challenger
-    vae.model.gated       the gate decided without moving anything (dry-run, disabled)
+    vae.model.rejected    the gate (enabled) kept the champion; this version stays challenger
+    vae.model.gated       the gate decided without acting on it (dry-run, disabled, or stale:
+                          the champion moved while it decided)
     vae.model.up-to-date  nothing changed since this version: no training, no new version
 
 Each names the registered model version as its resource
@@ -18,10 +19,11 @@ RESOURCE_PREFIX = "mlflow.model-version"
 
 
 def decision_event(gate: dict[str, Any]) -> str:
-    """The event name for a gate outcome."""
+    """The event name for a gate outcome: promoted or rejected only when the gate acted (a
+    dry-run's "would reject" is gated, like its "would promote")."""
     if gate.get("decision") == "promote" and gate.get("applied"):
         return "vae.model.promoted"
-    if gate.get("decision") == "reject":
+    if gate.get("decision") == "reject" and gate.get("mode", "enabled") == "enabled":
         return "vae.model.rejected"
     return "vae.model.gated"
 

@@ -24,17 +24,27 @@ class LineageError(VaeError, RuntimeError):
     """dvc.lock is missing, unreadable, or does not record the data stages."""
 
 
-def _stage_out(lock: dict[str, Any], stage: str, lock_path: Path) -> dict[str, Any]:
+def _stage_out(
+    lock: dict[str, Any], stage: str, expected: str, dataset: str, lock_path: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The stage's entry and its data output (found by path: a stage also lists its metrics
+    files among its outs)."""
     stages = lock.get("stages")
     if not isinstance(stages, dict) or stage not in stages:
         known = sorted(stages) if isinstance(stages, dict) else []
         raise LineageError(
             f"{lock_path}: expected a stage {stage!r}, found stages {known}; run `dvc repro`"
         )
-    outs = stages[stage].get("outs") or []
-    if not outs or not isinstance(outs[0], dict) or "md5" not in outs[0]:
+    outs = [o for o in stages[stage].get("outs") or [] if isinstance(o, dict)]
+    if not outs or "md5" not in outs[0]:
         raise LineageError(f"{lock_path}: stage {stage!r} records no output hash; run `dvc repro`")
-    return stages[stage]
+    out = next((o for o in outs if Path(str(o.get("path"))).as_posix() == expected), None)
+    if out is None or "md5" not in out:
+        raise LineageError(
+            f"{lock_path}: stage {stage!r} records {outs[0].get('path')!r}, expected {expected!r} "
+            f"for dataset {dataset!r}; run `dvc repro` for this dataset"
+        )
+    return stages[stage], out
 
 
 def model_code_hash() -> str:
@@ -91,13 +101,7 @@ def data_lineage(repo_root: str | os.PathLike[str] = ".", dataset: str | None = 
         ("raw", RAW_STAGE, raw_dir(".", dataset).as_posix()),
         ("processed", PROCESSED_STAGE, processed_dir(".", dataset).as_posix()),
     ):
-        entry = _stage_out(lock, stage, lock_path)
-        out = entry["outs"][0]
-        if Path(out["path"]).as_posix() != expected:
-            raise LineageError(
-                f"{lock_path}: stage {stage!r} records {out['path']!r}, expected {expected!r} "
-                f"for dataset {dataset!r}; run `dvc repro` for this dataset"
-            )
+        entry, out = _stage_out(lock, stage, expected, dataset, lock_path)
         result[role] = {
             "stage": stage,
             "path": out["path"],

@@ -211,18 +211,29 @@ def build_params(raw: Any) -> Params:
     return Params(**sections)
 
 
-def read_yaml_mapping(path: Path, what: str, error: type[VaeError] = ParamsError) -> dict[str, Any]:
-    """A YAML file (read as params.yaml is) that must hold a mapping; ``error`` says which file
-    and what is wrong with it."""
+def _read_text(path: Path, what: str, error: type[VaeError]) -> str:
     if not path.is_file():
         raise error(f"{path}: {what} not found")
     try:
-        data = yaml_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid YAML ({exc})") from exc
+
+
+def _yaml_mapping(text: str, path: Path, what: str, error: type[VaeError]) -> dict[str, Any]:
+    try:
+        data = yaml_load(text)
+    except yaml.YAMLError as exc:
         raise error(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise error(f"{path}: expected {what} as a mapping, found {type(data).__name__}")
     return data
+
+
+def read_yaml_mapping(path: Path, what: str, error: type[VaeError] = ParamsError) -> dict[str, Any]:
+    """A YAML file (read as params.yaml is) that must hold a mapping; ``error`` says which file
+    and what is wrong with it."""
+    return _yaml_mapping(_read_text(path, what, error), path, what, error)
 
 
 def _check_val_size_fits(params: Params) -> None:
@@ -256,12 +267,30 @@ def load_params(
     return params
 
 
+#: (file, its text, the overrides) -> the checked tree: see `_read`.
+_PARSED: dict[tuple[str, str, str], Params] = {}
+_PARSED_MAX = 8
+
+
 def _read(path: Path, pairs: list[tuple[str, Any]]) -> Params:
-    raw = read_yaml_mapping(path, "parameters file")
-    try:
-        return build_params(_apply(raw, pairs))
-    except ParamsError as exc:
-        raise ParamsError(f"{path}: {exc}") from None
+    """The checked tree of ``path`` with ``pairs`` applied, parsed once per content.
+
+    One `vae-pipeline run` reads params.yaml several times (the command's early check before
+    Prefect starts, the flow's check before it waits for the workspace, the read under the
+    lock), and each must see the file as it is then; the same bytes with the same overrides
+    give the same frozen tree, so only a file that changed meanwhile is parsed again."""
+    text = _read_text(path, "parameters file", ParamsError)
+    key = (str(path.resolve()), text, json.dumps(pairs, sort_keys=True, default=repr))
+    if key not in _PARSED:
+        raw = _yaml_mapping(text, path, "parameters file", ParamsError)
+        try:
+            params = build_params(_apply(raw, pairs))
+        except ParamsError as exc:
+            raise ParamsError(f"{path}: {exc}") from None
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[key] = params
+    return _PARSED[key]
 
 
 def write_params(

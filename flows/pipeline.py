@@ -20,7 +20,6 @@ from prefect.artifacts import (
     create_progress_artifact,
     update_progress_artifact,
 )
-from prefect.tasks import exponential_backoff
 
 from flows import dvc_runner, run_record, tracking, workspace
 from flows.lineage import data_lineage
@@ -28,22 +27,11 @@ from flows.params import Params, load_params
 from flows.recovery import settle_dead_run
 
 
-def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a failed fetch unless a stage refused its input (a missing folder, a truncated
-    file, a bad value): the same input would fail the same way."""
-    error = state.result(raise_on_failure=False)
-    return not (isinstance(error, dvc_runner.DvcError) and error.bad_input)
-
-
-@task(
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=_worth_retrying,
-)
+@task(**dvc_runner.FETCH_RETRY)
 def fetch_data(workdir: str) -> str:
-    """`dvc repro fetch` (with the source fingerprint before it); a transient failure is
-    retried with exponential backoff, bad input is not."""
+    """`dvc repro fetch` (with the source fingerprint before it). The one retry layer of a
+    download: a source that could not be reached is retried (params.yaml's fetch section, see
+    `refresh_data`), bad input is not."""
     log = dvc_runner.repro("fetch", cwd=Path(workdir))
     get_run_logger().info("dvc repro fetch ran: %s", ", ".join(dvc_runner.stages_run(log)))
     return log
@@ -74,13 +62,14 @@ def push_data(workdir: str, remote: str) -> str:
     return line
 
 
-def refresh_data(root: Path, dataset: str, dvc_remote: str | None) -> dict:
+def refresh_data(root: Path, params: Params, dvc_remote: str | None) -> dict:
     """The data steps of a pipeline run or a sweep: pull from the team's remote (if any), run
-    the stages that changed, push the results back; returns the lineage."""
+    the stages that changed, retrying a source that could not be reached as params.yaml's fetch
+    section says, push the results back; returns the lineage."""
     if dvc_remote:
         pull_data(str(root), dvc_remote)
-    fetch_data(str(root))
-    lineage = prepare_data(str(root), dataset)
+    fetch_data.with_options(**dvc_runner.fetch_retry(params.fetch))(str(root))
+    lineage = prepare_data(str(root), params.data.dataset)
     if dvc_remote:
         push_data(str(root), dvc_remote)
     return lineage
@@ -144,12 +133,13 @@ def train_model(workdir: str, params: Params, run_id: str, tracking_uri: str) ->
     if outcome.history:
         client.log_figure(run_id, tracking.loss_curve(outcome.history), "loss_curve.png")
     figures = run_record.training_figures(outcome.metrics)
-    tracking.log_figures(client, run_id, figures)
+    tracking.log_figures(client, run_id, figures, model_id=info.model_id)
     for key, value in run_record.stop_tags(outcome.metrics).items():
         client.set_tag(run_id, key, value)
     return {
         "model_dir": str(out_dir / "model"),
         "model_uri": info.model_uri,
+        "model_id": info.model_id,
         "metrics": outcome.metrics,
         "figures": figures,
     }
@@ -169,15 +159,19 @@ def _shown_validation_images(splits: Any, data_variant: str, seed: int) -> Any:
 
 
 @task
-def evaluate(workdir: str, params: Params, run_id: str, tracking_uri: str, model_dir: str) -> dict:
-    """Likelihood and sample quality into one folder, logged to the run."""
+def evaluate(
+    workdir: str, params: Params, run_id: str, tracking_uri: str, model_dir: str, model_id: str
+) -> dict:
+    """Likelihood and sample quality into one folder, logged to the run; the figures are the
+    logged model's (``model_id``) metrics too, each linked to the split it was measured on."""
     from vae_core.data import load_processed
     from vae_core.evaluation import evaluate_model, load_classifier
     from vae_core.training import load_model, pick_device
 
     client = tracking.connect(tracking_uri)
     root, dataset = Path(workdir), params.data.dataset
-    splits = load_processed(workspace.processed_dir(root, dataset))
+    processed = workspace.processed_dir(root, dataset)
+    splits = load_processed(processed)
     classifier_dir = workspace.classifier_dir(root, dataset)
     classifier = load_classifier(classifier_dir) if classifier_dir.is_dir() else None
     out_dir = workspace.run_dir(root, run_id) / "evaluation"
@@ -190,7 +184,9 @@ def evaluate(workdir: str, params: Params, run_id: str, tracking_uri: str, model
         classifier=classifier,
     )
     figures = run_record.evaluation_figures(metrics)
-    tracking.log_figures(client, run_id, figures)
+    tracking.log_evaluation(
+        client, run_id, figures, model_id=model_id, processed_dir=processed, dataset=dataset
+    )
     client.log_artifacts(run_id, str(out_dir), "evaluation")
     return {"eval_dir": str(out_dir), "metrics": metrics, "figures": figures}
 
@@ -305,27 +301,24 @@ def _train_evaluate_register(
     experiment_id = tracking.ensure_experiment(client, dataset, root)
     device = str(pick_device(params.train.device))
     tags = tracking.lineage_tags(params, lineage, root, device)
-    run_id = client.create_run(
-        experiment_id, tags=tags, run_name=tags["prefect.flow_run_name"]
-    ).info.run_id
-    workspace.note_holder(root, {"mlflow.run_id": run_id})  # closed by the next run if we die
-    try:
+    with tracking.run_scope(
+        client, experiment_id, run_name=tags["prefect.flow_run_name"], tags=tags
+    ) as scope:
+        run_id = scope.run_id
+        workspace.note_holder(root, {"mlflow.run_id": run_id})  # closed by the next run if we die
         tracking.log_params(client, run_id, params.flat())  # overrides applied: one value each
         client.set_tag(run_id, "params.overrides", " ".join(overrides))
-        tracking.log_dataset(run_id, lineage, workspace.processed_dir(root, dataset), dataset)
+        processed = workspace.processed_dir(root, dataset)
+        tracking.log_dataset(client, run_id, lineage, processed, dataset)
         train = train_model(str(root), params, run_id, uri)
-        ev = evaluate(str(root), params, run_id, uri, train["model_dir"])
+        ev = evaluate(str(root), params, run_id, uri, train["model_dir"], train["model_id"])
         figures = train["figures"] | ev["figures"]
         description = run_record.description(train["metrics"], ev["metrics"], figures)
         tracking.set_description(client, run_id, description)
         version_tags = tags | headline_tags(figures) | {"mlflow.run_id": run_id}
         reg = register(params, run_id, uri, train["model_uri"], version_tags, figures)
         gate = promote(str(root), params, uri, reg["name"], reg["version"], ev["eval_dir"])
-    except BaseException as exc:
-        tracking.mark_failed(client, run_id, exc)
-        raise
-    client.set_tag(run_id, "gate.decision", gate.get("decision", ""))
-    client.set_terminated(run_id, "FINISHED")
+        client.set_tag(run_id, "gate.decision", gate.get("decision", ""))
     return {
         "run_id": run_id,
         "train": train,
@@ -379,7 +372,7 @@ def training_pipeline(
     holder = tracking.prefect_context() | {"workspace": str(root)}
     settle = partial(settle_dead_run, client=client)
     with workspace.exclusive(root, overrides, holder, settle) as params:
-        lineage = refresh_data(root, params.data.dataset, dvc_remote)
+        lineage = refresh_data(root, params, dvc_remote)
         name = registered_model_name(params.data.dataset)
         made_from = {
             "dvc.processed_md5": lineage["processed_md5"],

@@ -310,9 +310,15 @@ def apply_decision(
         client, name, version, decision, mode, champion=scored["champion"], actor=actor
     )
     if decision is None:
-        return {"decision": "not-evaluated", "reason": "promotion gate disabled", "applied": False}
+        return {
+            "decision": "not-evaluated",
+            "reason": "promotion gate disabled",
+            "applied": False,
+            "mode": mode,
+        }
     tags = client.get_model_version(name, version).tags
     return {
+        "mode": mode,
         "decision": tags["gate.decision"],
         "reason": tags["gate.reason"],
         "applied": result == "moved",

@@ -446,8 +446,8 @@ def run_row(
         "torch.threads": str(torch.get_num_threads()),
         **tracking.git_state(Path.cwd()),
     }
-    run_id = s.client.create_run(s.experiment_id, run_name=row.name, tags=tags).info.run_id
-    try:
+    with tracking.run_scope(s.client, s.experiment_id, run_name=row.name, tags=tags) as scope:
+        run_id = scope.run_id
         tracking.log_params(
             s.client,
             run_id,
@@ -503,10 +503,6 @@ def run_row(
             flags["reference.burda2015_nll"] = f"{row.burda_nll:.2f}"
         for key, value in (flags | {"device": device}).items():
             s.client.set_tag(run_id, key, value)
-        s.client.set_terminated(run_id, "FINISHED")
-    except BaseException as exc:
-        tracking.mark_failed(s.client, run_id, exc)
-        raise
     return RowResult(
         row,
         "ran",

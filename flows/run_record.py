@@ -7,6 +7,10 @@ under a prefix the MLflow charts group by: `val/` and `test/` (what people compa
 `schedule/` (the learning rate and KL weight the schedule gave each epoch) and `time/` (speed
 and time spent). Counts and settings that explain a figure (k, the subset, the data variant, the
 estimator) are not metrics: they go into the run's description, a Markdown table the UI renders.
+
+Each figure has one name, its MLflow metric name: the tables below map the trainer's and the
+evaluation's keys to it once, and everything downstream (the logged model's metrics, the
+registry's tags, the sweep's table and winner) uses that name only.
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ TRAIN_FIGURES = {
 #: Training outcomes that are yes/no: tags `train.<flag>`, not metrics.
 STOP_FLAGS = ("stopped_early", "stopped_by_time")
 
-#: Evaluation figures (evaluate_model's keys) -> MLflow metric key. Sample quality follows a
-#: rule instead (`sq_x` -> `sample_quality/x`), see `evaluation_figures`.
+#: The one table of evaluation names: evaluate_model's key -> the figure's MLflow metric name.
+#: From here on (the run, the model's metrics, the registry, the sweep) a figure is known only by
+#: its MLflow name. A numeric key of evaluate_model that is neither here nor in NOT_FIGURES is
+#: an error (`evaluation_figures`), so a new figure cannot be dropped without a word.
 EVAL_FIGURES = {
     "test_nll_iwae": "test/nll_iwae",
     "test_nll_iwae_stderr": "test/nll_iwae_stderr",
@@ -61,18 +67,50 @@ EVAL_FIGURES = {
     "holdout_neg_iwae_bce_greylevels": "holdout/neg_iwae_bce_greylevels",
     "eval_seconds": "time/eval_seconds",
     "iwae_seconds": "time/iwae_seconds",
+    # Sample quality: generated images against the test images (sq_x), and the real-versus-
+    # real reference row (sq_ref_x, training images against test images) beside it.
+    **{
+        f"sq_{row}{name}": f"sample_quality/{row}{name}"
+        for row in ("", "ref_")
+        for name in (
+            "fd",
+            "kid",
+            "kid_std",
+            "precision",
+            "recall",
+            "density",
+            "coverage",
+            "inception_score",
+            "inception_score_std",
+            "label_tv",
+        )
+    },
 }
-#: sq_* numbers that are settings or counts of the sample-quality report, not figures.
-SQ_NOT_FIGURES = {
-    "sq_num_samples",
-    "sq_num_reference",
-    "sq_kid_subsets",
-    "sq_kid_subset_size",
-    "sq_precision_recall_k",
-    "sq_density_coverage_k",
-}
+#: Numbers evaluate_model returns that are settings, counts or labels, not figures: they explain
+#: a figure (the run's description and evaluation/metrics.json carry them), never a metric.
+NOT_FIGURES = frozenset(
+    {
+        "test_size",
+        "seed",
+        "iwae_k",
+        "iwae_test_size",
+        "iwae_num_examples",
+        "holdout_num_examples",
+        "active_units_threshold",
+        "latent_dim",
+        "sq_num_samples",
+        "sq_num_reference",
+        "sq_kid_subsets",
+        "sq_kid_subset_size",
+        "sq_precision_recall_k",
+        "sq_density_coverage_k",
+    }
+)
 #: The per-digit label histogram stays in evaluation/metrics.json; its summary is label_tv.
 SQ_LABEL_FRACTION = re.compile(r"^sq_(ref_)?label_frac_\d$")
+#: The split each evaluation section was measured on (time/ was measured on none): the MLflow
+#: dataset an evaluation figure is linked to.
+SECTION_SPLITS = {"test": "test", "sample_quality": "test", "holdout": "holdout"}
 
 #: The figures a person looks at first: the Prefect summary, the version description and the
 #: version's `metric.*` tags show these.
@@ -93,10 +131,6 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def is_sample_quality_figure(key: str) -> bool:
-    return key.startswith("sq_") and key not in SQ_NOT_FIGURES and not SQ_LABEL_FRACTION.match(key)
-
-
 def epoch_figures(
     record: Mapping[str, Any], skip: frozenset[str] = frozenset()
 ) -> dict[str, float]:
@@ -111,24 +145,39 @@ def training_figures(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {TRAIN_FIGURES[k]: float(v) for k, v in metrics.items() if k in TRAIN_FIGURES}
 
 
-def figure_name(key: str) -> str:
-    """The MLflow metric key of one of evaluate_model's figures (test_nll_iwae ->
-    test/nll_iwae, sq_fd -> sample_quality/fd)."""
-    if key in EVAL_FIGURES:
-        return EVAL_FIGURES[key]
-    if is_sample_quality_figure(key):
-        return f"sample_quality/{key.removeprefix('sq_')}"
-    raise KeyError(f"{key}: not a figure of evaluate_model")
+class UnnamedFigureError(LookupError):
+    """evaluate_model returned a number that run_record does not name: add it to EVAL_FIGURES
+    (a figure) or NOT_FIGURES (a setting, a count)."""
+
+
+def is_figure(key: str, value: Any) -> bool:
+    """Whether one of evaluate_model's entries is a figure; UnnamedFigureError for a number
+    that is neither a named figure nor a declared non-figure."""
+    if not _number(value) or key in NOT_FIGURES or SQ_LABEL_FRACTION.match(key):
+        return False
+    if key not in EVAL_FIGURES:
+        raise UnnamedFigureError(
+            f"evaluate_model returned {key!r} = {value!r}, which has no MLflow name: add it to "
+            "flows.run_record.EVAL_FIGURES if it is a figure, or to NOT_FIGURES if it is a "
+            "setting or a count"
+        )
+    return True
 
 
 def evaluation_figures(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """evaluate_model's figures under their MLflow keys; its settings, counts and labels are
+    """evaluate_model's figures under their MLflow names; its settings, counts and labels are
     left out (they are params, or explained in the description)."""
-    return {
-        figure_name(key): float(value)
-        for key, value in metrics.items()
-        if _number(value) and (key in EVAL_FIGURES or is_sample_quality_figure(key))
-    }
+    return {EVAL_FIGURES[k]: float(v) for k, v in metrics.items() if is_figure(k, v)}
+
+
+def evaluated_on(figure: str) -> str | None:
+    """The split an evaluation figure was measured on (test/nll_iwae: test), or None."""
+    return SECTION_SPLITS.get(figure.split("/", 1)[0])
+
+
+def on_test_set(figure: str) -> bool:
+    """Whether a figure was measured on the test set: reported, never chosen by."""
+    return evaluated_on(figure) == "test"
 
 
 def repeated_epoch_keys(train: Any) -> frozenset[str]:
@@ -146,9 +195,8 @@ def repeated_epoch_keys(train: Any) -> frozenset[str]:
     return frozenset(skip)
 
 
-def _source(figure: str) -> str:
-    """evaluate_model's key for an MLflow figure key (test/nll_iwae -> test_nll_iwae)."""
-    return figure.replace("/", "_")
+#: MLflow name -> evaluate_model's key, to find a figure's label (its `_estimator` entry).
+_EVAL_KEYS = {name: key for key, name in EVAL_FIGURES.items()}
 
 
 def _row(figure: str, value: float | None, what: str) -> str:
@@ -166,6 +214,7 @@ def description(
     is_nll = "test/nll_iwae" in figures
     iwae_name = "test/nll_iwae" if is_nll else "test/neg_iwae_bce_greylevels"
     holdout_name = "holdout/nll_iwae" if is_nll else "holdout/neg_iwae_bce_greylevels"
+    iwae_estimator = f"{_EVAL_KEYS[iwae_name]}_estimator"
     best_epoch = (
         f"the best epoch ({train_metrics.get('best_epoch')} of {train_metrics.get('epochs')})"
     )
@@ -189,7 +238,7 @@ def description(
         )
     rows = [
         *validation_rows,
-        _row(iwae_name, figures.get(iwae_name), str(m.get(_source(iwae_name) + "_estimator", ""))),
+        _row(iwae_name, figures.get(iwae_name), str(m.get(iwae_estimator, ""))),
         _row("test/neg_elbo", figures.get("test/neg_elbo"), str(m.get("test_neg_elbo_estimator"))),
         _row(
             "test/recon, test/kl",

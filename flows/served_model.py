@@ -27,7 +27,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 METHODS = ("reconstruct", "encode", "decode", "sample", "log_likelihood")
 IMAGE_SHAPE = (1, 28, 28)
@@ -120,9 +120,18 @@ class ServedVAE(PythonModel):
         likelihood = self.model.config.likelihood
         self.kind, self.kind_sentence = likelihood_kind(likelihood, self.data_variant)
 
-    # No type hints on predict: MLflow would read them as an input schema.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        """Dispatch on params["method"] (default reconstruct); see the module docstring."""
+    def predict(
+        self,
+        context: PythonModelContext,
+        model_input: np.ndarray,
+        params: dict[str, Any] | None = None,
+    ) -> Any:
+        """Dispatch on params["method"] (default reconstruct); see the module docstring.
+
+        ``model_input`` is what a request's JSON `inputs` become; a DataFrame (a
+        `dataframe_split` request) or a list from a Python caller is converted by `_as_array`.
+        MLflow infers no input schema from an ndarray hint (the inputs differ by method), so the
+        logged signature, params only, stays the model's."""
         params = params or {}
         method = params.get("method", "reconstruct")
         if method not in METHODS:

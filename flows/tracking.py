@@ -6,13 +6,15 @@ Tasks log through an explicit run id (MlflowClient), never through a run that mu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,10 @@ from flows.lineage import model_code_hash
 from vae_core.errors import VaeError
 
 if TYPE_CHECKING:
+    from mlflow.data.dataset import Dataset
+    from mlflow.data.dataset_source import DatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
     from flows.params import Params
 
 DEFAULT_DB = "mlflow.db"
@@ -166,19 +172,92 @@ def ensure_reachable(client: MlflowClient) -> None:
 
 
 def mark_failed(client: MlflowClient, run_id: str, exc: BaseException | str) -> None:
-    """Record why a run failed, mark it FAILED, and delete any model version it registered.
+    """Record why a run failed, mark it FAILED, and delete any model version it registered,
+    except one the gate already made champion (or previous champion): that version was fully
+    evaluated and gated, and deleting it would leave the model without its champion.
 
     Best effort: when the failure is the backend itself, these calls fail too, and the
     original error is what the user must see.
     """
+    from flows.registry import ALIAS_CHALLENGER
+
     reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
     try:
         for mv in client.search_model_versions(f"run_id='{run_id}'"):
+            aliases = set(client.get_model_version(mv.name, mv.version).aliases)
+            aliases -= {ALIAS_CHALLENGER}
+            if aliases:  # the gate already acted on it: deleting it would leave no champion
+                note = f"its run failed after the gate gave it {', '.join(sorted(aliases))}"
+                client.set_model_version_tag(mv.name, mv.version, "run.failure", note)
+                reason += f"; {mv.name} v{mv.version} kept: it holds {', '.join(sorted(aliases))}"
+                continue
             client.delete_model_version(mv.name, mv.version)
         client.set_tag(run_id, "failure.reason", reason[:5000])
         client.set_terminated(run_id, "FAILED", end_time=int(time.time() * 1000))
     except Exception:  # noqa: BLE001 - the backend may be the thing that failed
         pass
+
+
+def mark_interrupted(client: MlflowClient, run_id: str, exc: BaseException) -> None:
+    """Record why a run stopped short and mark it KILLED: it can resume, nothing is deleted.
+
+    Best effort, like `mark_failed`: the interruption may be the backend itself."""
+    with suppress(Exception):
+        client.set_tag(run_id, "interrupted.reason", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(run_id, "KILLED", end_time=int(time.time() * 1000))
+
+
+@dataclass
+class RunScope:
+    """The run a `run_scope` block logs to, and the status a normal exit gives it: FINISHED
+    unless the block decides otherwise (FAILED for a sweep with no finished trial)."""
+
+    run_id: str
+    end_status: str = "FINISHED"
+
+
+@contextmanager
+def run_scope(
+    client: MlflowClient,
+    experiment_id: str | None = None,
+    *,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+    end_status: str = "FINISHED",
+    interrupted: Callable[[BaseException], bool] | None = None,
+) -> Iterator[RunScope]:
+    """Every MLflow run this project opens, from its start to its status, in one place.
+
+    Creates a run in ``experiment_id`` with ``tags`` (or reopens ``run_id`` as RUNNING, setting
+    ``tags`` again) and yields its scope. A normal exit sets ``scope.end_status``: a terminal
+    status ends the run; SCHEDULED hands it on (a sweep's child run, which its trial task opens
+    again). An exception marks the run FAILED with the reason and deletes any model version it
+    registered (`mark_failed`), so a failed run never leaves a half-registered model; where
+    ``interrupted(exc)`` says the work can resume instead, the run is KILLED
+    (`mark_interrupted`). The exception always propagates."""
+    from mlflow.entities import RunStatus, RunTag
+
+    if run_id is None:
+        run = client.create_run(experiment_id, tags=dict(tags or {}), run_name=run_name)
+        run_id = run.info.run_id
+    else:
+        client.update_run(run_id, "RUNNING")
+        if tags:
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    scope = RunScope(run_id, end_status)
+    try:
+        yield scope
+    except BaseException as exc:
+        if interrupted is not None and interrupted(exc):
+            mark_interrupted(client, run_id, exc)
+        else:
+            mark_failed(client, run_id, exc)
+        raise
+    if RunStatus.is_terminated(RunStatus.from_string(scope.end_status)):
+        client.set_terminated(run_id, scope.end_status, end_time=int(time.time() * 1000))
+    else:
+        client.update_run(run_id, scope.end_status)
 
 
 def experiment_name(dataset: str) -> str:
@@ -364,12 +443,23 @@ class ImageLogger:
         self.logged.add(step)
 
 
-def log_figures(client: MlflowClient, run_id: str, figures: dict[str, float], step: int = 0):
-    """Figures (already under their MLflow names) as metrics, in one batch."""
+def log_figures(
+    client: MlflowClient,
+    run_id: str,
+    figures: Mapping[str, float],
+    step: int = 0,
+    *,
+    model_id: str | None = None,
+    dataset: Dataset | None = None,
+) -> None:
+    """Figures (already under their MLflow names) as metrics, in one batch. With ``model_id``
+    they are the logged model's metrics too (MLflow 3: the experiment's Models tab and
+    `mlflow.search_logged_models`), measured on ``dataset`` when given."""
     from mlflow.entities import Metric
 
     stamp = int(time.time() * 1000)
-    batch = [Metric(k, float(v), stamp, step) for k, v in figures.items()]
+    on = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if dataset else {}
+    batch = [Metric(k, float(v), stamp, step, model_id=model_id, **on) for k, v in figures.items()]
     for i in range(0, len(batch), 1000):
         client.log_batch(run_id, metrics=batch[i : i + 1000])
 
@@ -405,12 +495,69 @@ def loss_curve(history: list[dict]):
     return fig
 
 
-def log_dataset(run_id: str, lineage: dict, processed_dir: Path, dataset: str) -> None:
-    """The processed data as an MLflow dataset input whose digest is DVC's md5."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+def _local_source(folder: Path) -> DatasetSource:
+    """A folder on this machine as an MLflow dataset source, named as MLflow's "local" source
+    type: resolving a bare path would match two registered local sources and warn."""
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+
+    uri = str(Path(folder).resolve())
+    return get_dataset_source_from_json(json.dumps({"uri": uri}), source_type="local")
+
+
+def _log_inputs(client: MlflowClient, run_id: str, datasets: list[Dataset], context: str) -> None:
+    """Datasets as the run's inputs, tagged with MLflow's context tag (training, evaluation)."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
+    # What mlflow.log_input sends, through the client: no active run needed.
+    inputs = [DatasetInput(dataset=ds._to_mlflow_entity(), tags=tags) for ds in datasets]
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def log_dataset(
+    client: MlflowClient, run_id: str, lineage: dict, processed_dir: Path, dataset: str
+) -> None:
+    """The processed data as the run's training input, whose digest is DVC's md5."""
     from mlflow.data.meta_dataset import MetaDataset
 
-    source = resolve_dataset_source(str(Path(processed_dir).resolve()))
+    source = _local_source(processed_dir)
     ds = MetaDataset(source, name=f"{dataset}-processed", digest=lineage["processed_md5"])
-    with active_run(run_id):
-        mlflow.log_input(ds, context="training")
+    _log_inputs(client, run_id, [ds], "training")
+
+
+def split_dataset(processed_dir: Path, dataset: str, split: str) -> MetaDataset:
+    """One split of the processed data (``<dataset>-test``, ``<dataset>-holdout``) as an MLflow
+    dataset whose digest is the md5 of that split's files: equal digests, equal examples."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from vae_core.data.splits import ARRAY_FILES
+
+    digest = hashlib.md5(usedforsecurity=False)
+    for name in ARRAY_FILES:
+        if name.startswith(f"{split}_"):
+            digest.update(name.encode() + b"\0")
+            digest.update((Path(processed_dir) / f"{name}.npy").read_bytes())
+    source = _local_source(processed_dir)
+    return MetaDataset(source, name=f"{dataset}-{split}", digest=digest.hexdigest())
+
+
+def log_evaluation(
+    client: MlflowClient,
+    run_id: str,
+    figures: Mapping[str, float],
+    *,
+    model_id: str,
+    processed_dir: Path,
+    dataset: str,
+) -> None:
+    """The evaluation's figures as metrics of the run and of the logged model, each linked to
+    the split it was measured on, and those splits as the run's evaluation inputs."""
+    by_split: dict[str | None, dict[str, float]] = {}
+    for name, value in figures.items():
+        by_split.setdefault(run_record.evaluated_on(name), {})[name] = value
+    splits = {s: split_dataset(processed_dir, dataset, s) for s in by_split if s is not None}
+    if splits:
+        _log_inputs(client, run_id, list(splits.values()), "evaluation")
+    for split, group in by_split.items():
+        log_figures(client, run_id, group, model_id=model_id, dataset=splits.get(split))

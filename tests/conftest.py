@@ -1,57 +1,47 @@
-"""Session-wide fixtures: the shared Prefect API, throw-away pipeline workspaces (a git + DVC
-copy of this project), and real server subprocesses that are always stopped.
+"""Session-wide fixtures: the shared Prefect API, pipeline workspaces (a git + DVC copy of this
+project, prepared once and copied per test), and real server subprocesses that are always
+stopped.
 
 No mocks: flows run against a real Prefect server (the test harness, or `prefect server start`),
 MLflow writes to a real SQLite store or a real `mlflow server`, and DVC runs as the real CLI.
+The plain helpers these fixtures use live in tests/helpers.py, which test modules import.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from prefect_harness import harness_session, quiet_environment
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BIN_DIR = Path(sys.executable).parent
+from helpers import REPO_ROOT, Proc, git, quiet_environment, run_dvc, spawn
 
 quiet_environment()
 
 #: What a pipeline workspace needs from this repo: what a fresh clone has, minus the tests.
-WORKSPACE_FILES = (
-    ".dvcignore",
-    ".gitignore",
-    ".dvc/config",
-    ".dvc/.gitignore",
-    "dvc.yaml",
-    "dvc.lock",
-    "params.yaml",
-    "prefect.yaml",
-    "pyproject.toml",
-)
+WORKSPACE_FILES = (".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", "dvc.yaml")
+WORKSPACE_FILES += ("dvc.lock", "params.yaml", "prefect.yaml", "pyproject.toml")
 WORKSPACE_PACKAGES = ("flows", "vae_core")
 
-#: The smallest pipeline that still exercises every step: the run takes about a minute here.
-TINY_OVERRIDES = (
-    "train.epochs=1",
-    "evaluate.iwae_k=5",
-    "evaluate.iwae_test_size=200",
-    "evaluate.num_samples=100",
+#: The parameters of the prepared workspace: the smallest model, data stages and evaluation
+#: that still run every step of the pipeline. The data-stage keys are written before `dvc
+#: repro`, so runs that override only train/model/evaluate/promote keys find the data stages
+#: up to date.
+TINY_PARAMS = (
     "classifier.epochs=1",
-    "promote.bootstrap_samples=200",
+    "data.val_size=200",
+    "train.device=cpu",
+    "train.epochs=1",
+    "train.batch_size=256",
+    "train.patience=0",
+    "model.hidden_sizes=[32]",
+    "model.latent_dim=2",
+    "evaluate.iwae_k=2",
+    "evaluate.iwae_test_size=50",
+    "evaluate.num_samples=50",
+    "promote.bootstrap_samples=20",
     "promote.floor_nll=1000",  # a one- or two-epoch model (~210 nats) meets it
 )
 
@@ -61,23 +51,18 @@ TINY_OVERRIDES = (
 
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[str]:
-    """A temporary Prefect server for the whole session (started on first use); yields its
-    API URL. In-process flow runs, `get_client()` and artifacts all go to it."""
-    yield from harness_session()
+    """A temporary Prefect server for the whole session (started on first use; 10-40 s on a
+    busy two-core machine); yields its API URL. In-process flow runs, `get_client()` and
+    artifacts all go to it."""
+    import prefect.settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    # Prefect's own startup timeout (30 s) is too short for a busy CI machine with two cores.
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(prefect.settings.PREFECT_API_URL.value())
 
 
 # --------------------------------------------------------------------------- workspaces
-
-
-def git(root: Path, *args: str) -> str:
-    out = subprocess.run(
-        ["git", "-c", "user.name=pytest", "-c", "user.email=pytest@localhost", *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip()
 
 
 def make_workspace(root: Path) -> Path:
@@ -100,13 +85,62 @@ def make_workspace(root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def workspace_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """``factory(name)``: a new git-committed copy of the project in a temporary folder."""
+    """``factory(name)``: a new git-committed copy of the project in a temporary folder, as a
+    fresh clone (no data, no store). Most tests want ``pipeline_workspace`` instead."""
     return lambda name: make_workspace(tmp_path_factory.mktemp(name))
 
 
 @pytest.fixture(scope="session")
 def tiny_overrides() -> list[str]:
-    return list(TINY_OVERRIDES)
+    return list(TINY_PARAMS)  # for a workspace not prepared with them
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite store with its tables created and nothing in it. Creating the tables
+    costs 10-20 s on a busy machine; tests copy this file instead."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture(scope="session")
+def prepared_workspace(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> Path:
+    """A workspace with TINY_PARAMS written into params.yaml (and committed), its data stages
+    reproduced by the real `dvc` CLI and an empty MLflow store created. Built once per session
+    (about a minute on a busy two-core machine); tests work on copies (``pipeline_workspace``)
+    in which `dvc repro` has nothing to do."""
+    from flows.params import write_params
+
+    t0 = time.monotonic()
+    ws = make_workspace(tmp_path_factory.mktemp("prepared-workspace"))
+    write_params(ws / "params.yaml", list(TINY_PARAMS))
+    git(ws, "commit", "-q", "-am", "tiny parameters")
+    result = run_dvc(ws, "repro")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Every copy starts with an empty but initialised tracking store.
+    shutil.copy2(empty_mlflow_db, ws / "mlflow.db")
+    print(f"\nprepared workspace {ws} built in {time.monotonic() - t0:.0f} s")
+    return ws
+
+
+def _copies(prepared: Path, folder: Callable[[str], Path]) -> Callable[[str], Path]:
+    """``make(name)``: a fresh copy of the prepared workspace (git, DVC cache, data, store)."""
+    return lambda name="ws": Path(shutil.copytree(prepared, folder(name), symlinks=True))
+
+
+@pytest.fixture
+def pipeline_workspace(prepared_workspace: Path, tmp_path: Path) -> Callable[[str], Path]:
+    """``make(name)``: a copy of the prepared workspace for one test."""
+    return _copies(prepared_workspace, lambda name: tmp_path / name)
+
+
+@pytest.fixture(scope="module")
+def module_workspace(prepared_workspace: Path, tmp_path_factory) -> Callable[[str], Path]:
+    """``make(name)``: a copy of the prepared workspace for a module-scoped scenario."""
+    return _copies(prepared_workspace, lambda name: tmp_path_factory.mktemp(name) / "ws")
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -135,84 +169,6 @@ def isolated_mlflow_uri() -> Iterator[None]:
 # --------------------------------------------------------------------------- subprocesses
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def bin_path(name: str) -> str:
-    """A console script of this virtualenv (mlflow, prefect, vae-pipeline, dvc)."""
-    exe = BIN_DIR / name
-    return str(exe) if exe.exists() else name
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """This environment for a child process, with this virtualenv first on PATH and no
-    tracking or Prefect server leaking in from the test process."""
-    env = dict(os.environ)
-    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_PROFILE", "PYTHONPATH"):
-        env.pop(key, None)
-    env["PATH"] = str(BIN_DIR) + os.pathsep + env.get("PATH", "")
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Proc:
-    """A child process in its own process group, its output in a log file."""
-
-    name: str
-    popen: subprocess.Popen
-    log: Path
-    _log_file: object = field(repr=False, default=None)
-
-    def tail(self, lines: int = 60) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM to the whole group (the process and its children), then SIGKILL."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(grace_s)
-        # Children that outlived their parent (server workers, flow runs) are still in the group.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        if self.alive():
-            self.popen.wait(10)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-
-def wait_for_http(url: str, proc: Proc, timeout_s: float, expect: str | None = None) -> None:
-    """Poll ``url`` until it answers 200 (with ``expect`` in the body, if given)."""
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            pytest.fail(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                body = resp.read().decode(errors="replace")
-                if resp.status == 200 and (expect is None or expect in body):
-                    return
-                last = f"{resp.status} {body[:200]}"
-        except (urllib.error.URLError, OSError) as exc:
-            last = str(exc)
-        time.sleep(0.5)
-    pytest.fail(f"{proc.name}: {url} did not answer in {timeout_s} s ({last}):\n{proc.tail()}")
-
-
 @pytest.fixture(scope="module")
 def start_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Proc]]:
     """``start(name, cmd, env=..., cwd=...)``: a subprocess in its own process group, logging
@@ -224,32 +180,10 @@ def start_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
     def start(
         name: str, cmd: Sequence[str], *, env: dict[str, str], cwd: Path | None = None
     ) -> Proc:
-        log = logs / f"{name}.log"
-        log_file = log.open("wb")
-        popen = subprocess.Popen(
-            list(cmd),
-            cwd=cwd,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        proc = Proc(name, popen, log, log_file)
+        proc = spawn(name, cmd, logs / f"{name}.log", env, cwd)
         started.append(proc)
         return proc
 
     yield start
     for proc in reversed(started):
         proc.stop()
-
-
-@pytest.fixture(scope="session")
-def proc_tools() -> SimpleNamespace:
-    """The subprocess helpers above, for test modules (which cannot import a conftest)."""
-    return SimpleNamespace(
-        free_port=free_port,
-        bin_path=bin_path,
-        env=subprocess_env,
-        wait_for_http=wait_for_http,
-    )

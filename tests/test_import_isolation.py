@@ -66,3 +66,23 @@ def test_no_import_cycles_between_project_modules():
     for start in sorted(graph):
         if start not in state and (cycle := visit(start, [])):
             raise AssertionError("import cycle: " + " -> ".join(cycle))
+
+
+def test_training_never_imports_evaluation():
+    """The library's layers point one way: evaluation may load models through training, but
+    training (the trainer's IWAE validation included) reaches nothing of evaluation, directly
+    or through another module, at the top or inside a function."""
+    graph = _project_imports(Path(__file__).resolve().parents[1])
+    training = sorted(m for m in graph if m.split(".")[:2] == ["vae_core", "training"])
+    assert "vae_core.training.trainer" in training
+    reached: dict[str, str] = {}  # module -> the training module whose imports reach it
+    todo = [(m, m) for m in training]
+    while todo:
+        module, origin = todo.pop()
+        for nxt in graph[module]:
+            if nxt not in reached:
+                reached[nxt] = origin
+                todo.append((nxt, origin))
+    leaks = {m: o for m, o in reached.items() if m.split(".")[:2] == ["vae_core", "evaluation"]}
+    assert not leaks, f"vae_core.training reaches vae_core.evaluation: {leaks}"
+    assert "vae_core.estimators" in reached  # the shared IWAE estimator, below both

@@ -52,6 +52,17 @@ def atomic_write(
         raise
 
 
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary siblings `atomic_write` leaves behind for ``path`` when its process
+    is killed mid-write (the final file is untouched by such a write); returns what it removed.
+    Only for a file one process writes at a time: a live writer's temporary would go too."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     atomic_write(path, lambda f: f.write(data))

@@ -202,7 +202,8 @@ class DataConfig(Section):
 
 @dataclass(frozen=True)
 class FetchConfig(Section):
-    """How hard the fetch stage tries a remote source."""
+    """How often the orchestrator retries the fetch stage after a source could not be reached
+    (Prefect task retries, the one retry layer: the stage itself tries once)."""
 
     SECTION: ClassVar[str] = "fetch"
     retries: int = setting(3, integer(0))

@@ -4,7 +4,7 @@ Sums over pixels and latent dimensions (never means): a mean over pixels silentl
 reconstruction term and turns the objective into a beta-VAE. The noise eps is an argument, drawn
 by the caller: the trainer draws it outside a compiled loss (torch.compile cannot trace a
 seeded `randn`), and evaluation seeds it per example
-(`vae_core.evaluation.likelihood.iwae_log_likelihood`, the bound as reported).
+(`vae_core.estimators.iwae_log_likelihood`, the bound as reported).
 """
 
 from __future__ import annotations

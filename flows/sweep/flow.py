@@ -3,10 +3,8 @@ flow's task runner, one summary table, and the winner through registration and t
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -19,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import run_record, tracking, workspace
+from flows import tracking, workspace
 from flows.params import Params, load_params, yaml_scalar
 from flows.pipeline import (
     evaluate,
@@ -30,17 +28,27 @@ from flows.pipeline import (
     train_model,
 )
 from flows.recovery import settle_dead_run
-from flows.sweep.spec import SELECTABLE_METRICS, TEST_FIGURES, SweepError, SweepSpec, load_sweep
+from flows.sweep.spec import SELECTABLE_METRICS, SweepError, SweepSpec, load_sweep
 from flows.sweep.trials import Trial, expand_trials, plan_trials, same_family, sweep_key, with_keys
 
 TAG_KEY, TAG_TRIAL_KEY, TAG_COMPLETE = "sweep.key", "sweep.trial_key", "sweep.complete"
-#: Summary columns: (column, metric key in every child run).
-TABLE_METRICS = {name: key for name, (key, _) in SELECTABLE_METRICS.items()} | {
-    **{name: run_record.figure_name(name) for name in TEST_FIGURES},  # never chosen by
-    "sq_ref_fd": run_record.figure_name("sq_ref_fd"),  # real-versus-real beside sq_fd
-    "epochs": run_record.TRAIN_FIGURES["epochs"],
-    "images_per_s": run_record.TRAIN_FIGURES["train_samples_per_second"],
-}
+#: The summary's figure columns, each a metric of every child run, by its MLflow name: what
+#: can choose the winner, then test figures (reported, never chosen by) with the
+#: real-versus-real reference beside FD, then the training's counts.
+TABLE_METRICS = (
+    *SELECTABLE_METRICS,
+    "test/neg_elbo",
+    "test/nll_iwae",
+    "sample_quality/fd",
+    "sample_quality/ref_fd",
+    "sample_quality/kid",
+    "sample_quality/precision",
+    "sample_quality/recall",
+    "train/epochs",
+    "time/mean_train_images_per_second",
+)
+#: Columns that are counts: shown as whole numbers.
+COUNT_COLUMNS = ("train/epochs", "time/mean_train_images_per_second")
 REUSED = ("done", "keep-failed")  # what plan_trials says of trials read back, not run
 
 
@@ -115,19 +123,22 @@ def run_trial(workdir: str, trial: Trial, run_id: str, tracking_uri: str) -> str
     from vae_core.training import pick_device
 
     client = tracking.connect(tracking_uri)
-    client.update_run(run_id, "RUNNING")
-    try:
-        from distributed import get_worker
+    with tracking.run_scope(client, run_id=run_id, interrupted=_resumable):
+        try:
+            from distributed import get_worker
 
-        worker = get_worker().address
-    except (ImportError, ValueError):
-        worker = f"pid {os.getpid()}"
-    params = trial.params
-    device = str(pick_device(params.train.device))
-    tags = {"device": device, "torch.num_threads": torch.get_num_threads(), "sweep.worker": worker}
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
-    try:
+            worker = get_worker().address
+        except (ImportError, ValueError):
+            worker = f"pid {os.getpid()}"
+        params = trial.params
+        device = str(pick_device(params.train.device))
+        tags = {
+            "device": device,
+            "torch.num_threads": torch.get_num_threads(),
+            "sweep.worker": worker,
+        }
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
         processed = workspace.processed_dir(workdir, params.data.dataset)
         if not processed.is_dir():
             raise FileNotFoundError(
@@ -136,22 +147,16 @@ def run_trial(workdir: str, trial: Trial, run_id: str, tracking_uri: str) -> str
             )
         get_run_logger().info("trial %s on %s: %s", trial.label, device, trial.override_strings())
         train = train_model(workdir, params, run_id, tracking_uri)
-        evaluate(workdir, params, run_id, tracking_uri, train["model_dir"])
-    except Exception as exc:
-        if not tracking.server_hiccup(exc):
-            tracking.mark_failed(client, run_id, exc)
-        else:  # resumable; telling the server may fail too
-            with contextlib.suppress(Exception):
-                client.set_tag(run_id, "interrupted.reason", f"{type(exc).__name__}: {exc}"[:5000])
-                client.set_terminated(run_id, "KILLED", end_time=int(time.time() * 1000))
-        raise
-    except BaseException:  # interrupted: resumable, not failed
-        client.set_terminated(run_id, "KILLED", end_time=int(time.time() * 1000))
-        raise
-    client.set_tag(run_id, "sweep.model_uri", train["model_uri"])
-    client.set_tag(run_id, TAG_COMPLETE, "true")
-    client.set_terminated(run_id, "FINISHED", end_time=int(time.time() * 1000))
+        evaluate(workdir, params, run_id, tracking_uri, train["model_dir"], train["model_id"])
+        client.set_tag(run_id, "sweep.model_uri", train["model_uri"])
+        client.set_tag(run_id, TAG_COMPLETE, "true")
     return run_id
+
+
+def _resumable(exc: BaseException) -> bool:
+    """A trial stopped by an interruption (not an Exception) or by the tracking server (down,
+    restarting) can resume from its checkpoint: its run is KILLED, not FAILED."""
+    return not isinstance(exc, Exception) or tracking.server_hiccup(exc)
 
 
 def trial_row(trial: Trial, run: Any | None, swept: Sequence[str], reused: bool) -> dict:
@@ -161,11 +166,11 @@ def trial_row(trial: Trial, run: Any | None, swept: Sequence[str], reused: bool)
     status = "NOT RUN" if run is None else run.info.status
     row["status"] = "INCOMPLETE" if status == "FINISHED" and not is_complete(run) else status
     metrics = run.data.metrics if run is not None else {}
-    for column, key in TABLE_METRICS.items():
-        value = metrics.get(key)
-        row[column] = float(value) if value is not None and math.isfinite(value) else None
-    for column in ("epochs", "images_per_s"):  # counts, not figures
-        row[column] = None if row[column] is None else round(row[column])
+    for name in TABLE_METRICS:
+        value = metrics.get(name)
+        row[name] = float(value) if value is not None and math.isfinite(value) else None
+    for name in COUNT_COLUMNS:
+        row[name] = None if row[name] is None else round(row[name])
     row |= {"reused": reused, "run_id": run and run.info.run_id, "note": ""}
     row["note"] = run.data.tags.get("failure.reason", "")[:160] if run is not None else ""
     return row
@@ -210,21 +215,11 @@ def choose_best(
     return min(candidates)[1], f"{word} {spec.metric} among {len(candidates)} comparable trial(s)"
 
 
-def _open_parent(client: MlflowClient, experiment_id: str, tags: dict, name: str) -> str:
-    """A new parent run, or the earlier attempt's (the same sweep key) reopened."""
-    query = f"tags.`{TAG_KEY}` = '{tags[TAG_KEY]}' and tags.`sweep.role` = 'parent'"
+def _earlier_attempt(client: MlflowClient, experiment_id: str, key: str) -> Any | None:
+    """The parent run of an earlier attempt of the same sweep (its key), newest first."""
+    query = f"tags.`{TAG_KEY}` = '{key}' and tags.`sweep.role` = 'parent'"
     found = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
-    if not found:
-        tags |= {"sweep.attempt": "1"}
-        return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
-    parent_id = found[0].info.run_id
-    client.update_run(parent_id, "RUNNING")
-    if "failure.reason" in found[0].data.tags:  # the earlier attempt's failure is history now
-        client.delete_tag(parent_id, "failure.reason")
-    tags |= {"sweep.attempt": str(int(found[0].data.tags.get("sweep.attempt", "1")) + 1)}
-    for k, v in tags.items():
-        client.set_tag(parent_id, k, v)
-    return parent_id
+    return found[0] if found else None
 
 
 def _child_run(client: MlflowClient, ctx: dict, trial: Trial) -> str:
@@ -238,13 +233,16 @@ def _child_run(client: MlflowClient, ctx: dict, trial: Trial) -> str:
         "sweep.overrides": " ".join(trial.override_strings()),
         "params.hash": trial.params.hash(),
     }
-    run = client.create_run(ctx["experiment_id"], tags=tags, run_name=ctx["name"] + trial.label)
-    run_id = run.info.run_id
-    overrides = " ".join([*ctx["overrides"], *trial.override_strings()])
-    tracking.log_params(client, run_id, trial.params.flat())
-    client.set_tag(run_id, "params.overrides", overrides)
-    tracking.log_dataset(run_id, ctx["lineage"], ctx["processed"], trial.params.data.dataset)
-    return run_id
+    name = ctx["name"] + trial.label
+    with tracking.run_scope(
+        client, ctx["experiment_id"], run_name=name, tags=tags, end_status="SCHEDULED"
+    ) as child:
+        overrides = " ".join([*ctx["overrides"], *trial.override_strings()])
+        tracking.log_params(client, child.run_id, trial.params.flat())
+        client.set_tag(child.run_id, "params.overrides", overrides)
+        dataset = trial.params.data.dataset
+        tracking.log_dataset(client, child.run_id, ctx["lineage"], ctx["processed"], dataset)
+    return child.run_id
 
 
 def _submit(client: MlflowClient, ctx: dict, todo: list[Trial], plan: dict) -> None:
@@ -252,8 +250,11 @@ def _submit(client: MlflowClient, ctx: dict, todo: list[Trial], plan: dict) -> N
     resumes from its checkpoint), then every trial through the flow's task runner."""
     run_ids = []
     for t in todo:
-        run_id = plan[t.index][1] or _child_run(client, ctx, t)
-        client.update_run(run_id, "SCHEDULED")
+        run_id = plan[t.index][1]
+        if run_id is None:
+            run_id = _child_run(client, ctx, t)
+        else:
+            client.update_run(run_id, "SCHEDULED")
         run_ids.append(run_id)
     futures = run_trial.map(unmapped(ctx["root"]), todo, run_ids, unmapped(ctx["uri"]))
     for future, run_id in zip(futures, run_ids, strict=True):
@@ -322,7 +323,7 @@ def sweep_flow(
     holder = tracking.prefect_context() | {"workspace": str(root)}
     settle = partial(settle_dead_run, client=client)
     with workspace.exclusive(root, overrides, holder, settle) as base:
-        lineage = refresh_data(root, base.data.dataset, dvc_remote)
+        lineage = refresh_data(root, base, dvc_remote)
         trials = with_keys(trials, lineage["processed_md5"])
         key = sweep_key(spec, trials)
         experiment_id = tracking.ensure_experiment(client, base.data.dataset, root)
@@ -336,23 +337,31 @@ def sweep_flow(
             "sweep.num_trials": str(len(trials)),
             "sweep.file": str(root / sweep_file),
         }
-        parent_id = _open_parent(client, experiment_id, parent_tags, f"sweep-{spec.name}-{key[:6]}")
-        ctx = {
-            "root": str(root),
-            "uri": client.tracking_uri,
-            "tags": common,
-            "parent_id": parent_id,
-            "experiment_id": experiment_id,
-            "name": f"{spec.name}-",
-            "overrides": overrides,
-            "lineage": lineage,
-            "processed": workspace.processed_dir(root, base.data.dataset),
-        }
-        try:
+        earlier = _earlier_attempt(client, experiment_id, key)
+        attempt = 1 if earlier is None else int(earlier.data.tags.get("sweep.attempt", "1")) + 1
+        with tracking.run_scope(
+            client,
+            experiment_id,
+            run_id=earlier and earlier.info.run_id,
+            run_name=f"sweep-{spec.name}-{key[:6]}",
+            tags=parent_tags | {"sweep.attempt": str(attempt)},
+        ) as parent:
+            if earlier is not None and "failure.reason" in earlier.data.tags:
+                client.delete_tag(parent.run_id, "failure.reason")  # the earlier attempt's: history
+            ctx = {
+                "root": str(root),
+                "uri": client.tracking_uri,
+                "tags": common,
+                "parent_id": parent.run_id,
+                "experiment_id": experiment_id,
+                "name": f"{spec.name}-",
+                "overrides": overrides,
+                "lineage": lineage,
+                "processed": workspace.processed_dir(root, base.data.dataset),
+            }
             result = _sweep(client, ctx, spec, trials, base, retry_failed)
-        except BaseException as exc:
-            tracking.mark_failed(client, parent_id, exc)
-            raise
+            if not result["counts"]["finished"]:
+                parent.end_status = "FAILED"
     summary = result["summary_markdown"]
     create_markdown_artifact(summary, key="vae-sweep-summary", description=f"sweep {spec.name}")
     return result | {"sweep_key": key, "experiment_id": experiment_id}
@@ -393,7 +402,7 @@ def _sweep(
     model = gate = best = None
     if index is not None:
         best = rows[index]
-        best_key = f"best/{TABLE_METRICS[spec.metric]}"
+        best_key = f"best/{spec.metric}"
         tracking.log_figures(client, parent_id, {best_key: best[spec.metric]})
         model, gate = _register_and_gate(client, ctx, trials[index], best)
         best["note"] = f"best: {model['name']} v{model['version']}, gate {gate['decision']}"
@@ -409,10 +418,8 @@ def _sweep(
     tally = ", ".join(f"{v} {k}" for k, v in counts.items())
     summary = f"# Sweep `{spec.name}`\n\nMLflow parent run `{parent_id}`: {tally}.\n\n{headline}"
     client.log_text(parent_id, f"{summary}\n\n{table}", "sweep_summary.md")
-    if not counts["finished"]:
+    if not counts["finished"]:  # the parent run ends FAILED (see sweep_flow)
         client.set_tag(parent_id, "failure.reason", "no trial finished")
-    status = "FINISHED" if counts["finished"] else "FAILED"
-    client.set_terminated(parent_id, status, end_time=int(time.time() * 1000))
     return {
         "sweep": spec.name,
         "parent_run_id": parent_id,
@@ -441,7 +448,7 @@ def _log_definition(
     have = client.get_run(parent_id).data.params  # params are immutable: log the new ones only
     tracking.log_params(client, parent_id, {k: v for k, v in flat.items() if k not in have})
     if not have:
-        tracking.log_dataset(parent_id, lineage, ctx["processed"], base.data.dataset)
+        tracking.log_dataset(client, parent_id, lineage, ctx["processed"], base.data.dataset)
     definition = {
         "sweep": spec.to_dict(),
         "base_overrides": list(ctx["overrides"]),

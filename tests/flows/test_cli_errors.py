@@ -31,32 +31,14 @@ def test_other_errors_keep_their_traceback(monkeypatch, tmp_path: Path) -> None:
 
 
 def test_every_project_error_class_derives_from_vae_error() -> None:
-    from flows.dvc_runner import DvcError
-    from flows.lineage import LineageError
-    from flows.model_io import ModelLoadError
-    from flows.params import ParamsError
-    from flows.promotion import GateError
-    from flows.registry import RegistryError
-    from flows.sweep import SweepError
-    from flows.tracking import TrackingUnavailable
-    from vae_core.config import ConfigError
-    from vae_core.data.errors import DataError
-    from vae_core.training.checkpoint import ModelFileError
-    from vae_core.training.trainer import CheckpointMismatchError, NonFiniteLossError
+    from flows import dvc_runner, lineage, model_io, params, promotion, registry, sweep, tracking
+    from vae_core import config
+    from vae_core.data import errors as data_errors
+    from vae_core.training import checkpoint, trainer
 
-    for error in (
-        DvcError,
-        LineageError,
-        ModelLoadError,
-        ParamsError,
-        GateError,
-        RegistryError,
-        SweepError,
-        TrackingUnavailable,
-        ConfigError,
-        DataError,
-        ModelFileError,
-        NonFiniteLossError,
-        CheckpointMismatchError,
-    ):
-        assert issubclass(error, VaeError), error
+    errors = [dvc_runner.DvcError, lineage.LineageError, model_io.ModelLoadError]
+    errors += [params.ParamsError, promotion.GateError, registry.RegistryError, sweep.SweepError]
+    errors += [tracking.TrackingUnavailable, config.ConfigError, data_errors.DataError]
+    errors += [checkpoint.ModelFileError, trainer.NonFiniteLossError]
+    errors += [trainer.CheckpointMismatchError]
+    assert [e for e in errors if not issubclass(e, VaeError)] == []

@@ -2,11 +2,9 @@
 nobody re-ran `dvc repro`, a fresh clone's data would silently differ from its lineage."""
 
 import hashlib
-from pathlib import Path
 
 import yaml
-
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO_ROOT as REPO
 
 
 def test_every_code_dependency_in_dvc_lock_matches_the_working_tree():

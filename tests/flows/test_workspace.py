@@ -12,16 +12,14 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT, child_env, wait_for
 
 from flows import workspace
 from flows.params import load_params
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 HOLDER = """
 import signal, sys
@@ -42,37 +40,35 @@ def root(tmp_path: Path) -> Path:
 
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:
-    return {
-        name: (root / name).read_bytes() if (root / name).exists() else None
-        for name in ("params.yaml", "dvc.lock")
-    }
+    files = [root / "params.yaml", root / "dvc.lock"]
+    return {f.name: f.read_bytes() if f.exists() else None for f in files}
 
 
 def _epochs(root: Path) -> int:
     return load_params(root / "params.yaml").train.epochs
 
 
-def _kill_while_holding(root: Path) -> int:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(root)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO_ROOT,
-    )
-    try:
-        assert proc.stdout.readline().strip() == "holding"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    return proc.pid
+@pytest.fixture
+def kill_while_holding(start_process):
+    """``kill(root)``: a holder in another process, SIGKILLed once it reports it holds the
+    workspace; returns its pid."""
+
+    def kill(root: Path) -> int:
+        cmd = [sys.executable, "-c", HOLDER, str(root)]
+        holder = start_process(f"holder-{root.name}", cmd, env=child_env(), cwd=REPO_ROOT)
+        wait_for("the holder to hold", lambda: "holding" in holder.tail(), 120, holder, 0.1)
+        os.kill(holder.popen.pid, signal.SIGKILL)
+        holder.popen.wait(60)
+        return holder.popen.pid
+
+    return kill
 
 
-def test_a_killed_run_is_undone_by_the_next(root: Path) -> None:
+def test_a_killed_run_is_undone_by_the_next(root: Path, kill_while_holding) -> None:
     before = _snapshot(root)
-    pid = _kill_while_holding(root)
+    pid = kill_while_holding(root)
     # What the dead run left: its overrides, its dvc.lock, its journal.
-    assert _epochs(root) == 3
-    assert (root / "dvc.lock").read_text() == "changed by the run\n"
+    assert _epochs(root) == 3 and (root / "dvc.lock").read_text() == "changed by the run\n"
     assert (root / workspace.JOURNAL_NAME).is_file()
 
     seen: list[dict] = []
@@ -80,57 +76,47 @@ def test_a_killed_run_is_undone_by_the_next(root: Path) -> None:
         assert _snapshot(root) == before  # put back before this run's body starts
         assert params.train.epochs != 3
     (dead,) = seen
-    assert dead["pid"] == pid and dead["prefect.flow_run_id"] == "fr-1"
-    assert dead["mlflow.run_id"] == "run-1"
-    assert not (root / workspace.JOURNAL_NAME).exists()
-    assert _snapshot(root) == before
+    keys = ("pid", "prefect.flow_run_id", "mlflow.run_id")
+    assert [dead[k] for k in keys] == [pid, "fr-1", "run-1"]
+    assert _snapshot(root) == before and not (root / workspace.JOURNAL_NAME).exists()
 
 
-def test_a_file_the_dead_run_created_is_removed(root: Path) -> None:
+def test_a_file_the_dead_run_created_is_removed(root: Path, kill_while_holding) -> None:
     (root / "dvc.lock").unlink()
-    _kill_while_holding(root)
+    kill_while_holding(root)
     assert (root / "dvc.lock").exists()
     assert workspace.recover(root) is not None
     assert not (root / "dvc.lock").exists()
     assert workspace.recover(root) is None  # nothing left to undo
 
 
-def test_a_failed_run_puts_the_files_back_itself(root: Path) -> None:
+def test_a_failed_run_puts_the_files_back_itself_a_finished_one_keeps_them(root: Path) -> None:
     before = _snapshot(root)
     with pytest.raises(RuntimeError, match="boom"), workspace.exclusive(root, ["train.epochs=3"]):
         journal = json.loads((root / workspace.JOURNAL_NAME).read_text())
-        assert journal["holder"]["pid"] == os.getpid()
-        assert _epochs(root) == 3
+        assert journal["holder"]["pid"] == os.getpid() and _epochs(root) == 3
         raise RuntimeError("boom")
-    assert _snapshot(root) == before
-    assert not (root / workspace.JOURNAL_NAME).exists()
+    assert _snapshot(root) == before and not (root / workspace.JOURNAL_NAME).exists()
 
-
-def test_a_finished_run_keeps_its_overrides_and_no_journal(root: Path) -> None:
     seen: list[dict] = []
     with workspace.exclusive(root, ["train.epochs=3"], on_recovered=seen.append):
         pass
-    assert _epochs(root) == 3
-    assert not (root / workspace.JOURNAL_NAME).exists() and seen == []
+    assert _epochs(root) == 3 and seen == []  # the overrides stay, like `dvc exp run -S`
+    assert not (root / workspace.JOURNAL_NAME).exists()
 
 
-def test_the_pull_step_enters_the_clone_the_worker_names(
-    root: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("value", ["the clone", None, "", "/nonexistent/clone"])
+def test_the_pull_step_enters_the_clone_the_worker_names_or_refuses(
+    value: str | None, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(REPO_ROOT)
-    monkeypatch.setenv("VAE_WORKSPACE", str(root))
-    assert workspace.enter_from_env() == {"directory": str(root.resolve())}
-    assert Path.cwd() == root.resolve()
-
-
-@pytest.mark.parametrize("value", [None, "", "/nonexistent/clone"])
-def test_the_pull_step_refuses_a_worker_without_a_clone(
-    value: str | None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(REPO_ROOT)
-    if value is None:
-        monkeypatch.delenv("VAE_WORKSPACE", raising=False)
-    else:
+    monkeypatch.delenv("VAE_WORKSPACE", raising=False)
+    if value == "the clone":
+        monkeypatch.setenv("VAE_WORKSPACE", str(root))
+        assert workspace.enter_from_env() == {"directory": str(root.resolve())}
+        assert Path.cwd() == root.resolve()
+        return
+    if value is not None:
         monkeypatch.setenv("VAE_WORKSPACE", value)
     with pytest.raises(NotADirectoryError, match="needs VAE_WORKSPACE in its environment") as err:
         workspace.enter_from_env()

@@ -1,52 +1,50 @@
-"""Real servers on 127.0.0.1 for the integration tests, one of each per test module: a
-Prefect server (`prefect server start`, its own PREFECT_HOME) and an MLflow tracking server
-(`mlflow server` on SQLite with proxied artifacts)."""
+"""Real servers on 127.0.0.1 for the integration tests: one Prefect server for the session
+(`prefect server start`, its own PREFECT_HOME; each test filters by its own deployment) and an
+MLflow tracking server per module (`mlflow server` on SQLite with proxied artifacts: each
+module counts its own registered versions from 1)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
+from helpers import (
+    MLFLOW_SERVER_ENV,
+    bin_path,
+    child_env,
+    free_port,
+    mlflow_server_cmd,
+    spawn,
+    wait_for_http,
+)
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory, start_process, proc_tools) -> SimpleNamespace:
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> Iterator[SimpleNamespace]:
     home = tmp_path_factory.mktemp("prefect-server-home")
-    port = proc_tools.free_port()
-    env = proc_tools.env(
+    port = free_port()
+    env = child_env(
         PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_UI_ENABLED="false",
         PREFECT_SERVER_LOGGING_LEVEL="WARNING",
     )
-    cmd = [proc_tools.bin_path("prefect"), "server", "start", "--host", "127.0.0.1"]
-    proc = start_process("prefect-server", [*cmd, "--port", str(port)], env=env, cwd=home)
-    server = SimpleNamespace(api=f"http://127.0.0.1:{port}/api", home=home, proc=proc)
-    proc_tools.wait_for_http(f"{server.api}/health", proc, timeout_s=180, expect="true")
-    return server
+    cmd = [bin_path("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = spawn("prefect-server", cmd, home / "server.log", env, home)
+    try:
+        server = SimpleNamespace(api=f"http://127.0.0.1:{port}/api", home=home, proc=proc)
+        wait_for_http(f"{server.api}/health", proc, timeout_s=180, expect="true")
+        yield server
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory, start_process, proc_tools) -> SimpleNamespace:
+def mlflow_server(tmp_path_factory, start_process) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = proc_tools.free_port()
-    cmd = [
-        proc_tools.bin_path("mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{root / 'm.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--workers",
-        "1",
-    ]
-    # No job runner: the pipeline needs none, and it would start 7 extra worker processes.
-    env = proc_tools.env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = start_process("mlflow-server", cmd, env=env, cwd=root)
+    port = free_port()
+    env = child_env(**MLFLOW_SERVER_ENV)
+    proc = start_process("mlflow-server", mlflow_server_cmd(root, port), env=env, cwd=root)
     url = f"http://127.0.0.1:{port}"
-    proc_tools.wait_for_http(f"{url}/health", proc, timeout_s=180)
+    wait_for_http(f"{url}/health", proc, timeout_s=180)
     return SimpleNamespace(url=url, root=root, proc=proc)

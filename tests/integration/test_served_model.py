@@ -17,51 +17,48 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import bin_path, child_env, free_port, wait_for_http
 
 MODEL = "mnist-vae"
+pytestmark = pytest.mark.slow  # a model server, and a model trained for three epochs
 
 
-def _trained_a_little(seed: int = 0):
-    """A VAE after three short epochs on 500 of the embedded MNIST digits: its answers differ
-    by input, unlike an untrained decoder's near-constant grey."""
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, start_process, isolated_mlflow_uri) -> SimpleNamespace:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.model_io import load_vae, log_vae
     from vae_core.config import TrainConfig, VAEConfig
     from vae_core.data.sources import embedded_csv_path, read_embedded_csv
     from vae_core.models.factory import build_vae
     from vae_core.training import Trainer
 
+    # A small VAE (20 latent units, as the default) after three short epochs on 500 of the
+    # embedded MNIST digits: its answers differ by input, unlike an untrained decoder's grey.
     digits, _ = read_embedded_csv(embedded_csv_path())
     images = torch.from_numpy(digits[:600].reshape(-1, 1, 28, 28))
-    config = TrainConfig(epochs=3, batch_size=32, device="cpu", patience=0, seed=seed)
-    trainer = Trainer(build_vae(VAEConfig(), seed=seed), config, progress=False)
+    config = TrainConfig(epochs=3, batch_size=32, device="cpu", patience=0, seed=0)
+    model = build_vae(VAEConfig(hidden_sizes=[64], latent_dim=20), seed=0)
+    trainer = Trainer(model, config, progress=False)
     trainer.fit(images[:500], images[500:])
-    return trainer.model.eval(), images[500:]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, start_process, proc_tools, isolated_mlflow_uri) -> SimpleNamespace:
-    import mlflow
-    from mlflow import MlflowClient
-
-    from flows.model_io import load_vae, log_vae
-
     root = tmp_path_factory.mktemp("served")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("served", artifact_location=(root / "mlruns").as_uri())
-    vae, images = _trained_a_little()
     with mlflow.start_run(experiment_id=experiment):
-        info = log_vae(vae, "binarized")
+        info = log_vae(trainer.model.eval(), "binarized")
     version = mlflow.register_model(info.model_uri, MODEL)
     MlflowClient(uri).set_registered_model_alias(MODEL, "champion", version.version)
 
-    port = proc_tools.free_port()
-    cmd = [proc_tools.bin_path("mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion"]
+    port = free_port()
+    cmd = [bin_path("mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion"]
     cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    proc = start_process("model-server", cmd, env=proc_tools.env(MLFLOW_TRACKING_URI=uri), cwd=root)
+    proc = start_process("model-server", cmd, env=child_env(MLFLOW_TRACKING_URI=uri), cwd=root)
     url = f"http://127.0.0.1:{port}"
-    proc_tools.wait_for_http(f"{url}/ping", proc, timeout_s=240)
+    wait_for_http(f"{url}/ping", proc, timeout_s=240)
     rebuilt = load_vae(f"models:/{MODEL}@champion")
-    test_images = (images[:4].float() / 255.0 > 0.5).float().reshape(4, 1, 28, 28)
+    test_images = (images[500:504].float() / 255.0 > 0.5).float().reshape(4, 1, 28, 28)
     return SimpleNamespace(url=url, proc=proc, vae=rebuilt, images=test_images)
 
 
@@ -87,49 +84,41 @@ def predictions(served: SimpleNamespace, inputs, **params) -> object:
     return body["predictions"]
 
 
-def test_reconstruct_is_the_default_and_is_the_vae_reconstruction(served) -> None:
-    x = served.images
-    expected = served.vae.reconstruct(x).numpy()
+def test_each_method_answers_as_the_vae_rebuilt_here(served) -> None:
+    from vae_core.evaluation.likelihood import iwae_log_likelihood
+    from vae_core.models.likelihoods import mean_image
+
+    x, vae = served.images, served.vae
+    # reconstruct, the default; (B, 784) is accepted too; answers depend on the input.
+    expected = vae.reconstruct(x).numpy()
     by_default = np.asarray(predictions(served, x.tolist()), dtype=np.float32)
     assert by_default.shape == (4, 1, 28, 28)
     np.testing.assert_allclose(by_default, expected, atol=1e-5)
     flat = np.asarray(predictions(served, x.reshape(4, 784).tolist(), method="reconstruct"))
-    np.testing.assert_allclose(flat, expected, atol=1e-5)  # (B, 784) is accepted too
-    assert np.abs(expected[0] - expected[1]).max() > 1e-3  # answers depend on the input
-
-
-def test_encode_returns_mu_and_logvar_of_q(served) -> None:
-    answer = predictions(served, served.images.tolist(), method="encode")
-    mu, logvar = served.vae.encode(served.images)
-    np.testing.assert_allclose(np.asarray(answer["mu"]), mu.detach().numpy(), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(answer["logvar"]), logvar.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(flat, expected, atol=1e-5)
+    assert np.abs(expected[0] - expected[1]).max() > 1e-3
+    # encode: the mean and log-variance of q(z|x).
+    answer = predictions(served, x.tolist(), method="encode")
+    mu, logvar = (t.detach().numpy() for t in vae.encode(x))
+    np.testing.assert_allclose(np.asarray(answer["mu"]), mu, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(answer["logvar"]), logvar, atol=1e-5)
     assert np.asarray(answer["mu"]).shape == (4, 20)
-
-
-def test_decode_maps_codes_to_images(served) -> None:
-    from vae_core.models.likelihoods import mean_image
-
+    # decode: codes to the decoder's mean image.
     z = torch.randn(3, 20, generator=torch.Generator().manual_seed(1))
     answer = np.asarray(predictions(served, z.tolist(), method="decode"), dtype=np.float32)
-    expected = mean_image("bernoulli", served.vae.decode(z)).detach().numpy()
+    expected = mean_image("bernoulli", vae.decode(z)).detach().numpy()
     np.testing.assert_allclose(answer, expected, atol=1e-5)
-
-
-def test_sample_is_seeded(served) -> None:
-    first = np.asarray(predictions(served, [], method="sample", n=5, seed=7))
-    again = np.asarray(predictions(served, [], method="sample", n=5, seed=7))
-    other = np.asarray(predictions(served, [], method="sample", n=5, seed=8))
-    expected = served.vae.sample(5, generator=torch.Generator().manual_seed(7)).numpy()
+    # sample: seeded.
+    first, again, other = (
+        np.asarray(predictions(served, [], method="sample", n=5, seed=s)) for s in (7, 7, 8)
+    )
+    expected = vae.sample(5, generator=torch.Generator().manual_seed(7)).numpy()
     assert first.shape == (5, 1, 28, 28)
     np.testing.assert_allclose(first, expected, atol=1e-5)
     assert np.array_equal(first, again) and not np.allclose(first, other)
-
-
-def test_log_likelihood_is_the_iwae_estimate_with_k(served) -> None:
-    from vae_core.evaluation.likelihood import iwae_log_likelihood
-
-    answer = predictions(served, served.images.tolist(), method="log_likelihood", k=50, seed=3)
-    expected = iwae_log_likelihood(served.vae, served.images, 50, seed=3)
+    # log_likelihood: the IWAE estimate with k samples.
+    answer = predictions(served, x.tolist(), method="log_likelihood", k=50, seed=3)
+    expected = iwae_log_likelihood(vae, x, 50, seed=3)
     np.testing.assert_allclose(answer["log_likelihood"], expected, atol=1e-3)
     assert answer["estimator"] == "IWAE bound with k=50, nats per image (binarized pixels)"
     assert all(-800 < v < 0 for v in answer["log_likelihood"])
@@ -156,6 +145,8 @@ BAD_REQUESTS = [
     ("grey levels to a binarized model",
      {"inputs": np.full((1, 784), 0.5).tolist(), "params": {"method": "log_likelihood"}},
      ["inputs", "binary pixels (0 or 1)", "grey levels"]),
+    ("NaN pixels", '{"inputs": [[NaN' + ", 0.0" * 783 + "]]}",
+     ["inputs: expected finite numbers, found 1 NaN/inf"]),
 ]  # fmt: skip
 
 
@@ -171,9 +162,3 @@ def test_bad_requests_get_400_naming_the_field_and_the_server_keeps_serving(
         assert word in answer["message"], (word, answer["message"][:500])
     assert served.proc.alive()
     assert np.asarray(predictions(served, served.images[:1].tolist())).shape == (1, 1, 28, 28)
-
-
-def test_nan_pixels_get_400(served) -> None:
-    row = ", ".join(["NaN"] + ["0.0"] * 783)
-    status, answer = post(served, f'{{"inputs": [[{row}]]}}')
-    assert status == 400 and "inputs: expected finite numbers, found 1 NaN/inf" in answer["message"]

@@ -1,162 +1,138 @@
-"""SIGKILL during training: `vae-pipeline train --out DIR` killed at several epochs and
-started again each time resumes from DIR/checkpoints/last.pt and ends with weights identical,
-tensor for tensor, to those of an uninterrupted run with the same seed (CPU).
+"""SIGKILL during training: `vae-pipeline train --out DIR` killed twice and restarted each time
+resumes from DIR/checkpoints/last.pt and ends with weights identical, tensor for tensor, to an
+uninterrupted run with the same seed (CPU).
 
-One output folder goes through the whole chain: killed after epoch 2, resumed and killed after
-epoch 4, then resumed to the end. Each kill lands at a point the process itself reports: the
-moment it writes "epoch k/6 ..." (training of epoch k done), so it hits the validation or the
-checkpoint write of that epoch, on a fast machine or a slow one alike; nothing races a clock.
-Two uninterrupted runs go alongside: the reference, and a second one that tells a resume
-problem apart from a run that is not reproducible in the first place.
-"""
+Each kill lands where the process stops itself (a hook reports on stderr and SIGSTOPs; the test
+then SIGKILLs), whatever the machine's speed: after training epoch 2, before its checkpoint
+(last.pt: epoch 1); then inside epoch 4's checkpoint write, the temporary file written and not
+renamed (last.pt: epoch 3). A second uninterrupted run tells a resume problem apart from a run
+that is not reproducible at all."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-from synthetic_digits import write_digit_folder
+from helpers import REPO_ROOT, child_env, write_idx_folder
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
 EPOCHS = 6
-#: Kill after these epochs: two apart, so the checkpoints at death (that epoch's, or the one
-#: before if its write had not finished) are different epochs, all before the last.
-KILL_AFTER = (2, 4)
+#: (where the killed run stops, epoch): the checkpoint at death is then epoch - 1.
+KILLS = (("validation", 2), ("checkpoint-write", 4))
+SETTINGS = (
+    f"data.val_size=100 data.holdout_size=100 train.epochs={EPOCHS} train.device=cpu train.seed=0 "
+    "model.hidden_sizes=[32] model.latent_dim=4 train.batch_size=32 train.patience=0"
+).split()
+#: `vae-pipeline` with a stop point: at ``where`` of epoch ``at`` it writes "STOPPED ..." on
+#: stderr and stops itself until the test kills it. Nothing else changes (no RNG is touched).
+HOOK = """
+import os, signal, sys
+import torch
+from flows.cli import main
+from vae_core.training.trainer import Trainer
+where, at = sys.argv[1], int(sys.argv[2])
+def stop():
+    print(f"STOPPED at {where} of epoch {at}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+validate, save = Trainer._validate, torch.save
+def _validate(self, val_x, epoch):
+    if where == "validation" and epoch + 1 == at:
+        stop()
+    return validate(self, val_x, epoch)
+def checkpoint_save(obj, f, *args, **kwargs):
+    save(obj, f, *args, **kwargs)
+    if where == "checkpoint-write" and isinstance(obj, dict) and obj.get("epoch") == at:
+        f.flush()
+        stop()
+Trainer._validate, torch.save = _validate, checkpoint_save
+sys.exit(main(sys.argv[3:]))
+"""
 
 
-def write_source(folder: Path) -> None:
-    write_digit_folder(folder, 800, 200)
+#: The same thread count in every run: CPU kernels are then bit-for-bit repeatable.
+ENV = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def command(source: Path, out: Path) -> list[str]:
-    settings = {
-        "data.source": source,
-        "data.val_size": 100,
-        "train.epochs": EPOCHS,
-        "train.device": "cpu",
-        "train.seed": 0,
-        "model.hidden_sizes": "[64]",
-        "model.latent_dim": 4,
-        "train.batch_size": 16,
-        "train.patience": 0,
-    }
-    overrides = [arg for key, value in settings.items() for arg in ("-S", f"{key}={value}")]
-    return [sys.executable, "-m", "flows.cli", "train", *overrides, "--out", str(out)]
+def train_args(source: Path, out: Path) -> list[str]:
+    settings = [*SETTINGS, f"data.source={source}"]
+    return ["train", *(arg for kv in settings for arg in ("-S", kv)), "--out", str(out)]
 
 
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e.pop("PYTHONPATH", None)
-    # The same thread count in every run: CPU kernels are then bit-for-bit repeatable.
-    e.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-    return e
-
-
-def checkpoint_epoch(out: Path) -> int | None:
-    path = out / "checkpoints" / "last.pt"
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
-    except (FileNotFoundError, EOFError, RuntimeError, KeyError, OSError):
-        return None
-
-
-def start(source: Path, out: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        command(source, out),
-        cwd=REPO_ROOT,
-        env=env(),
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def run_and_kill(source: Path, out: Path, log: Path, after_epoch: int) -> tuple[int, int | None]:
-    """Start training and SIGKILL it the moment it reports that it finished training epoch
-    ``after_epoch`` (the per-epoch line it writes to stderr), while it validates and writes
-    that epoch's checkpoint. Returns (return code, checkpoint epoch at death)."""
+def run_and_kill(source: Path, out: Path, log: Path, where: str, at: int) -> tuple[int, str]:
+    """Start training with the stop hook, SIGKILL it once it reports that it stopped; returns
+    (return code, the line it stopped at)."""
+    cmd = [sys.executable, "-c", HOOK, where, str(at), *train_args(source, out)]
     proc = subprocess.Popen(
-        command(source, out),
-        cwd=REPO_ROOT,
-        env=env(),
-        stdout=log.with_suffix(".out").open("ab"),
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
+        cmd, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    with log.open("a") as record:
+    stopped = ""
+    with log.open("w") as record:
         for line in proc.stderr:
             record.write(line)
-            if line.startswith(f"epoch {after_epoch}/{EPOCHS} "):
+            if line.startswith("STOPPED"):
+                stopped = line.strip()
                 os.kill(proc.pid, signal.SIGKILL)
                 break
         record.write(proc.stderr.read())
     proc.wait(60)
-    return proc.returncode, checkpoint_epoch(out)
+    return proc.returncode, stopped
 
 
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "model" / "model.pt", map_location="cpu", weights_only=True)
-
-
-def test_sigkill_at_several_epochs_then_resume_gives_identical_weights(tmp_path, record):
-    import json
-
+def test_sigkill_twice_then_resume_gives_identical_weights(tmp_path, start_process, record):
     source = tmp_path / "idx"
-    write_source(source)
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    write_idx_folder(source, 600, 100, learnable=True)
+    exe = [sys.executable, "-m", "flows.cli"]
+
+    def start(name: str, out: Path):
+        return start_process(name, [*exe, *train_args(source, out)], env=ENV, cwd=REPO_ROOT)
 
     # The uninterrupted runs go alongside the chain (each has its own folder).
-    reference = start(source, tmp_path / "reference", logs / "reference.log")
-    twin = start(source, tmp_path / "twin", logs / "twin.log")
+    reference = start("reference", tmp_path / "reference")
+    twin = start("twin", tmp_path / "twin")
 
-    out = tmp_path / "killed"
-    kills: list[tuple[int, int | None]] = []  # (target, epoch at death)
-    for target in KILL_AFTER:
-        rc, died_at = run_and_kill(source, out, logs / f"kill-{target}.log", target)
-        assert rc == -signal.SIGKILL, (
-            f"the run meant to be killed after epoch {target} ended with {rc} "
-            f"(finished before the kill?):\n{(logs / f'kill-{target}.log').read_text()[-2000:]}"
-        )
-        kills.append((target, died_at))
+    out, kills = tmp_path / "killed", []
+    for where, at in KILLS:
+        log = tmp_path / f"kill-{at}.log"
+        rc, stopped = run_and_kill(source, out, log, where, at)
+        assert rc == -signal.SIGKILL and stopped, log.read_text()[-2000:]
+        temp = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp"))
+        epoch = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"]
+        kills.append((stopped, int(epoch), temp))
 
-    final = start(source, out, logs / "final.log")
-    assert final.wait(300) == 0, (logs / "final.log").read_text()[-3000:]
-    assert reference.wait(300) == 0, (logs / "reference.log").read_text()[-3000:]
-    assert twin.wait(300) == 0, (logs / "twin.log").read_text()[-3000:]
+    final = start("final", out)
+    for proc in (final, reference, twin):
+        assert proc.popen.wait(300) == 0, proc.tail()
 
-    ref, got, ref2 = weights(tmp_path / "reference"), weights(out), weights(tmp_path / "twin")
+    folders = (tmp_path / "reference", out, tmp_path / "twin")
+    ref, got, ref2 = (torch.load(d / "model" / "model.pt", weights_only=True) for d in folders)
     same = ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     repeatable = all(torch.equal(ref[k], ref2[k]) for k in ref)
-    metrics = json.loads((out / "metrics.json").read_text())
-    ref_metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())
-    died = [d for _, d in kills]
-    litter = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("."))
+    ref_metrics, metrics = (json.loads((d / "metrics.json").read_text()) for d in folders[:2])
     record(
         "fault: SIGKILL during training",
-        f"`vae-pipeline train -S train.epochs={EPOCHS} --out DIR` (CPU, seed 0) SIGKILLed "
-        f"{len(kills)} times, each the moment it reported the end of training epochs "
-        f"{[t for t, _ in kills]}; restarted after each; compared with an uninterrupted run",
-        f"checkpoints at death: epochs {died}; final run resumed from epoch "
-        f"{metrics['resumed_from_epoch']}; {len(ref)} weight tensors "
-        f"{'identical (torch.equal)' if same else 'DIFFERENT'}; test -ELBO "
-        f"{metrics['test_neg_elbo']:.4f} vs {ref_metrics['test_neg_elbo']:.4f}; "
-        f"temp files left: {litter or 'none'}; two uninterrupted runs "
-        f"{'identical' if repeatable else 'DIFFER (model init not seeded)'}",
+        f"`vae-pipeline train` ({EPOCHS} epochs, CPU) SIGKILLed after epoch 2's training and "
+        "inside epoch 4's checkpoint write, restarted each time; compared with a clean run",
+        f"at death (stop point, last.pt epoch, temp files): {kills}; resumed from epoch "
+        f"{metrics['resumed_from_epoch']}; weights identical: {same}; test -ELBO "
+        f"{metrics['test_neg_elbo']:.4f} vs {ref_metrics['test_neg_elbo']:.4f}; two clean runs "
+        f"identical: {repeatable}",
     )
-    assert len(set(died)) >= 2, f"kills landed at {died}: not several different epochs"
-    assert all(d in (t - 1, t) for t, d in kills), kills  # died at the point it reported
-    assert died == sorted(died) and metrics["resumed_from_epoch"] == died[-1]
-    assert metrics["epochs"] == EPOCHS and ref_metrics["resumed_from_epoch"] == 0
-    assert repeatable, (
-        "two uninterrupted `vae-pipeline train -S train.seed=0` runs give different weights: "
-        "the model is built (and initialised from torch's global RNG) before Trainer seeds "
-        "it; seed before build_vae in vae_core/training/run.py::run_training"
-    )
+    # Killed before epoch 2's checkpoint: epoch 1 stays, no write was under way.
+    assert kills[0][1:] == (1, []), kills
+    # Killed mid-write: last.pt is still the whole epoch-3 checkpoint, the half-done write is a
+    # hidden temporary file beside it (never read as a checkpoint).
+    assert kills[1][1] == 3 and len(kills[1][2]) == 1, kills
+    assert kills[1][2][0].startswith(".last.pt."), kills
+    assert not list((out / "checkpoints").glob("*.tmp")), "the resumed run kept a stale write"
+    assert metrics["resumed_from_epoch"] == 3 and ref_metrics["resumed_from_epoch"] == 0
+    assert metrics["epochs"] == EPOCHS
+    assert repeatable, "two uninterrupted runs with train.seed=0 give different weights"
     assert same, "resumed weights differ from the uninterrupted run's"
     assert metrics["test_neg_elbo"] == ref_metrics["test_neg_elbo"]

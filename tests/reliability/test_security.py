@@ -1,12 +1,8 @@
 """Security: no loading path runs code from a file, pickle-based models need an explicit
 opt-in, every server command binds 127.0.0.1, and the README says how to secure a shared
-MLflow server.
-
-The payload is a real one: unpickling it writes a marker file. Each loader gets it and the
-marker must never appear; a control at the end shows the payload is live (it does write the
-marker when a caller opts in to unpickling), so the refusals are not an artefact of a broken
-payload.
-"""
+MLflow server. The payload is real (unpickling it writes a marker file, which must never
+appear); a control shows it does run when a caller opts in, so the refusals are not an artefact
+of a broken payload."""
 
 from __future__ import annotations
 
@@ -18,40 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO_ROOT, Payload, payload_module
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SKIP_DIRS = {".venv", ".git", "tests", "data", "mlruns", "runs", "build", "dist", "node_modules"}
 
 
-class Payload:
-    """Unpickling this runs code: it writes a marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
-
-
-class PayloadModule(torch.nn.Module):
-    """An nn.Module (so MLflow's pickle flavour accepts it) that pickles as Payload."""
-
-    def __init__(self, marker: Path):
-        super().__init__()
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return Payload(Path(self.marker)).__reduce__()
-
-
 def project_py_files() -> list[Path]:
-    out = []
-    for path in sorted(REPO_ROOT.rglob("*.py")):
-        rel = path.relative_to(REPO_ROOT)
-        if rel.parts[0] in SKIP_DIRS or any(p.startswith(".") for p in rel.parts[:-1]):
-            continue
-        out.append(path)
-    return out
+    """Every .py file of the project (top-level folders in SKIP_DIRS and dot-folders left out)."""
+    tops = [p for p in REPO_ROOT.iterdir() if p.name not in SKIP_DIRS and p.name[0] != "."]
+    files = [f for top in tops for f in ([top] if top.is_file() else top.rglob("*.py"))]
+    rel = [f.relative_to(REPO_ROOT) for f in files if f.suffix == ".py"]
+    return sorted(REPO_ROOT / r for r in rel if not any(p[0] == "." for p in r.parts[:-1]))
 
 
 def _dotted(node: ast.AST) -> str:
@@ -65,10 +38,7 @@ def _dotted(node: ast.AST) -> str:
 
 
 def _kw(call: ast.Call, name: str):
-    for kw in call.keywords:
-        if kw.arg == name:
-            return kw.value
-    return None
+    return next((kw.value for kw in call.keywords if kw.arg == name), None)
 
 
 def _is_const(node, value) -> bool:
@@ -84,25 +54,16 @@ def unsafe_loads(path: Path) -> tuple[list[str], list[str]]:
     """(torch.load calls found, findings): every deserialisation call that can run code."""
     rel = path.relative_to(REPO_ROOT).as_posix()
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=rel)
-    parents: dict[ast.AST, ast.AST] = {}
-    for node in ast.walk(tree):
-        for child in ast.iter_child_nodes(node):
-            parents[child] = node
-
-    def enclosing(node: ast.AST) -> str:
-        while node in parents:
-            node = parents[node]
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                return node.name
-        return "<module>"
-
+    # The innermost function around each node (ast.walk is breadth-first: inner ones come later).
+    funcs = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)]
+    enclosing = {n: f.name for f in funcs for n in ast.walk(f) if n is not f}
     torch_loads, findings = [], []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
-        name = _dotted(node.func)
-        where = f"{rel}:{node.lineno} in {enclosing(node)}()"
-        opt_in = (rel, enclosing(node)) in OPT_IN_FUNCTIONS
+        name, function = _dotted(node.func), enclosing.get(node, "<module>")
+        where = f"{rel}:{node.lineno} in {function}()"
+        opt_in = (rel, function) in OPT_IN_FUNCTIONS
         if name in ("torch.load", "load") and (name == "torch.load" or _kw(node, "weights_only")):
             torch_loads.append(where)
             if not _is_const(_kw(node, "weights_only"), True):
@@ -127,15 +88,13 @@ def unsafe_loads(path: Path) -> tuple[list[str], list[str]]:
 
 def test_every_torch_load_is_weights_only(record) -> None:
     files = project_py_files()
-    torch_loads, findings = [], []
-    for path in files:
-        loads, found = unsafe_loads(path)
-        torch_loads += loads
-        findings += found
+    scans = [unsafe_loads(path) for path in files]
+    torch_loads = [where for loads, _ in scans for where in loads]
+    findings = [finding for _, found in scans for finding in found]
     record(
         "security: torch.load audit",
-        f"AST scan of {len(files)} project .py files (tests excluded) for torch.load, pickle, "
-        "np.load(allow_pickle), unsafe yaml, MLflow pickle loads",
+        f"AST scan of {len(files)} project .py files for torch.load, pickle, np.load, unsafe "
+        "yaml, MLflow pickle loads",
         f"{len(torch_loads)} torch.load calls, findings: {findings or 'none'}",
     )
     assert torch_loads, "the scan found no torch.load at all: is it looking in the right place?"
@@ -150,80 +109,85 @@ def marker(tmp_path: Path) -> Path:
     return tmp_path / "PWNED"
 
 
-def _evil_state(marker: Path) -> dict:
-    return {"epoch": 1, "weight": torch.zeros(2), "payload": Payload(marker)}
-
-
-def _outcome(fn) -> str:
+def _refusal(fn) -> Exception | None:
+    """The exception ``fn`` raised (None if it loaded)."""
     try:
         fn()
     except Exception as exc:
-        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
-    return "LOADED"
+        return exc
+
+
+def _name(exc: Exception | None) -> str:
+    return "LOADED" if exc is None else type(exc).__name__
+
+
+def check_refused(name: str, exc: Exception | None, kind: type, fragments: list, marker: Path):
+    """``exc`` is the refusal ``kind`` with every fragment in its message; no payload ran."""
+    assert not marker.exists(), f"{name} ran the payload"
+    assert isinstance(exc, kind), f"{name}: expected {kind.__name__}, got {exc!r}"
+    for fragment in fragments:
+        assert fragment in str(exc), f"{name}: {fragment!r} not in {exc}"
+
+
+#: torch's weights-only unpickler refusing the payload's callable: the refusal itself, not
+#: some other failure on the way.
+REFUSED_GLOBAL = "Unsupported global: GLOBAL exec"
 
 
 def test_pickle_payload_refused_by_every_loader(tmp_path: Path, marker: Path, record) -> None:
-    from flows.model_io import load_vae
+    from flows.model_io import UnsafeModelError, load_vae
     from vae_core.evaluation import classifier as clf
     from vae_core.models import build_vae
-    from vae_core.training import load_checkpoint, load_model
-    from vae_core.training.checkpoint import MODEL_CONFIG_NAME, MODEL_WEIGHTS_NAME
+    from vae_core.training import TrainConfig, Trainer
+    from vae_core.training import checkpoint as ck
 
     evil = tmp_path / "evil.pt"
-    torch.save(_evil_state(marker), evil)
-    config = build_vae({"hidden_sizes": [8], "latent_dim": 2}).config.to_dict()
-
-    # vae_core.training.load_model: a model folder whose weights file is the payload.
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / MODEL_CONFIG_NAME).write_text(json.dumps(config))
-    (model_dir / MODEL_WEIGHTS_NAME).write_bytes(evil.read_bytes())
-
-    # vae_core.evaluation.load_classifier: the classifier's weights file is the payload.
-    clf_dir = tmp_path / "classifier"
-    clf_dir.mkdir()
-    (clf_dir / clf.CONFIG_NAME).write_text(json.dumps({"format_version": 1, "config": {}}))
-    (clf_dir / clf.WEIGHTS_NAME).write_bytes(evil.read_bytes())
-
-    # flows.model_io.load_vae: an MLflow model folder whose extra-files weights are the payload.
-    mlflow_dir = tmp_path / "mlflow-model"
-    (mlflow_dir / "extra_files").mkdir(parents=True)
-    (mlflow_dir / "extra_files" / "model.pt").write_bytes(evil.read_bytes())
-    (mlflow_dir / "extra_files" / "model_config.json").write_text(json.dumps(config))
-    (mlflow_dir / "MLmodel").write_text(
-        "flavors:\n  pytorch:\n    model_data: data\n    pytorch_version: 2.0\n"
-        "metadata:\n  vae_weights: extra_files/model.pt\n"
-        "  vae_config: extra_files/model_config.json\n"
+    torch.save({"epoch": 1, "weight": torch.zeros(2), "payload": Payload(marker)}, evil)
+    payload, vae = evil.read_bytes(), build_vae({"hidden_sizes": [8], "latent_dim": 2})
+    config = json.dumps(vae.config.to_dict()).encode()
+    model_dir, clf_dir, mlflow_dir, ckpt_dir = (
+        tmp_path / d for d in ("model", "classifier", "mlflow-model", "checkpoints")
     )
-
-    # The trainer's resume path: a checkpoint folder whose last.pt is the payload.
-    from vae_core.training import TrainConfig, Trainer
-
-    ckpt_dir = tmp_path / "checkpoints"
-    ckpt_dir.mkdir()
-    (ckpt_dir / "last.pt").write_bytes(evil.read_bytes())
-    trainer = Trainer(build_vae({"hidden_sizes": [8], "latent_dim": 2}), TrainConfig(epochs=1))
-    images = torch.zeros(20, 28, 28, dtype=torch.uint8)
-
-    loaders = {
-        "load_checkpoint": lambda: load_checkpoint(evil),
-        "load_model": lambda: load_model(model_dir),
-        "load_classifier": lambda: clf.load_classifier(clf_dir),
-        "model_io.load_vae": lambda: load_vae(str(mlflow_dir)),
-        "Trainer.fit(resume)": lambda: trainer.fit(images, images[:5], checkpoint_dir=ckpt_dir),
+    files = {
+        model_dir / ck.MODEL_CONFIG_NAME: config,
+        model_dir / ck.MODEL_WEIGHTS_NAME: payload,
+        clf_dir / clf.CONFIG_NAME: b'{"format_version": 1, "config": {}}',
+        clf_dir / clf.WEIGHTS_NAME: payload,
+        mlflow_dir / "MLmodel": b"flavors:\n  pytorch:\n    model_data: data\nmetadata:\n"
+        b"  vae_weights: extra/model.pt\n  vae_config: extra/config.json\n",
+        mlflow_dir / "extra" / "model.pt": payload,
+        mlflow_dir / "extra" / "config.json": config,
+        ckpt_dir / "last.pt": payload,
     }
-    outcomes = {name: _outcome(fn) for name, fn in loaders.items()}
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    trainer = Trainer(vae, TrainConfig(epochs=1))
+    images = torch.zeros(20, 28, 28, dtype=torch.uint8)
+    W, M = ck.UnsafeWeightsError, UnsafeModelError
+    cases = {  # loader: (the call, the refusal expected, the file its message names)
+        "load_checkpoint": (lambda: ck.load_checkpoint(evil), W, evil),
+        "load_model": (lambda: ck.load_model(model_dir), W, model_dir / ck.MODEL_WEIGHTS_NAME),
+        "load_classifier": (lambda: clf.load_classifier(clf_dir), W, clf_dir / clf.WEIGHTS_NAME),
+        "model_io.load_vae": (lambda: load_vae(str(mlflow_dir)), M, "extra/model.pt"),
+        "Trainer.fit(resume)": (
+            lambda: trainer.fit(images, images[:5], checkpoint_dir=ckpt_dir),
+            W,
+            ckpt_dir / "last.pt",
+        ),
+    }
+    outcomes = {}
+    for name, (load, kind, named) in cases.items():
+        outcomes[name] = _refusal(load)
+        check_refused(
+            name, outcomes[name], kind, [f"{named}: not a weights-only", REFUSED_GLOBAL], marker
+        )
     record(
         "security: pickle payload x 5 loaders",
-        "a torch file whose unpickling writes a marker fed to load_checkpoint, load_model, "
-        "load_classifier, flows.model_io.load_vae and the trainer's resume",
-        "; ".join(f"{k}: {v.split(':')[0]}" for k, v in outcomes.items())
+        "a torch file whose unpickling writes a marker, fed to each weights loader and resume",
+        "; ".join(f"{k}: {_name(v)}" for k, v in outcomes.items())
         + f"; marker written: {marker.exists()}",
     )
-    assert not marker.exists(), "a loader ran the payload"
-    for name, outcome in outcomes.items():
-        assert outcome != "LOADED", f"{name} accepted the payload"
-    assert "UnsafeModelError" in outcomes["model_io.load_vae"]
 
 
 def test_pickled_processed_data_refused(tmp_path: Path, marker: Path, record) -> None:
@@ -232,35 +196,27 @@ def test_pickled_processed_data_refused(tmp_path: Path, marker: Path, record) ->
 
     folder = tmp_path / "processed"
     folder.mkdir()
-    arrays = {
-        "train_images": np.zeros((5, 28, 28), np.uint8),
-        "train_labels": np.zeros(5, np.uint8),
-        "val_images": np.zeros((2, 28, 28), np.uint8),
-        "val_labels": np.zeros(2, np.uint8),
-        "holdout_images": np.zeros((2, 28, 28), np.uint8),
-        "holdout_labels": np.zeros(2, np.uint8),
-        "holdout_binarized": np.zeros((2, 28, 28), np.uint8),
-        "test_images": np.zeros((3, 28, 28), np.uint8),
-        "test_labels": np.zeros(3, np.uint8),
-        "test_binarized": np.zeros((3, 28, 28), np.uint8),
-    }
+    sizes = {"train": 5, "val": 2, "holdout": 2, "test": 3}
     for name in ARRAY_FILES:
-        np.save(folder / f"{name}.npy", arrays[name])
+        split, kind = name.split("_", 1)
+        shape = (sizes[split],) if kind == "labels" else (sizes[split], 28, 28)
+        np.save(folder / f"{name}.npy", np.zeros(shape, np.uint8))
     evil = np.empty(1, dtype=object)
     evil[0] = Payload(marker)
     np.save(folder / "train_labels.npy", evil, allow_pickle=True)
     np.savez(folder / INDICES_FILE, train=evil, val=evil)
-    data = _outcome(lambda: load_processed(folder))
-    indices = _outcome(lambda: load_split_indices(folder))
+    data = _refusal(lambda: load_processed(folder))
+    indices = _refusal(lambda: load_split_indices(folder))
     record(
         "security: pickled .npy / .npz",
-        "object arrays whose unpickling writes a marker placed in a processed-data folder",
-        f"load_processed: {data.split(':')[0]}; load_split_indices: {indices.split(':')[0]}; "
+        "object arrays whose unpickling writes a marker, in a processed-data folder",
+        f"load_processed: {_name(data)}; load_split_indices: {_name(indices)}; "
         f"marker written: {marker.exists()}",
     )
-    assert not marker.exists()
-    assert data.startswith(ProcessedDataError.__name__)
-    assert indices != "LOADED"
+    npy = f"{folder / 'train_labels.npy'}: expected a .npy array that loads without pickle"
+    check_refused("load_processed", data, ProcessedDataError, [npy], marker)
+    npz = [INDICES_FILE, "Object arrays cannot be loaded when allow_pickle=False"]
+    check_refused("load_split_indices", indices, ProcessedDataError, npz, marker)
 
 
 def test_pickle_flavoured_mlflow_model_needs_explicit_opt_in(
@@ -273,31 +229,28 @@ def test_pickle_flavoured_mlflow_model_needs_explicit_opt_in(
     path = tmp_path / "pickled-model"
     # Explicit requirements: inferring them would load (and so run) the model while saving.
     mlflow.pytorch.save_model(
-        PayloadModule(marker), str(path), serialization_format="pickle", pip_requirements=["torch"]
+        payload_module(marker), str(path), serialization_format="pickle", pip_requirements=["torch"]
     )
     assert not marker.exists()
-    refused = _outcome(lambda: load_vae(str(path)))
-    marker_after_refusal = marker.exists()
+    refused = _refusal(lambda: load_vae(str(path)))
+    check_refused("load_vae", refused, UnsafeModelError, [str(path), "allow_pickle=True"], marker)
     # Path traversal in the (untrusted) MLmodel metadata is refused too.
     escape = tmp_path / "escape-model"
     escape.mkdir()
     (escape / "MLmodel").write_text(
         "flavors: {}\nmetadata:\n  vae_weights: ../evil.pt\n  vae_config: ../config.json\n"
     )
-    traversal = _outcome(lambda: load_vae(str(escape)))
+    traversal = _refusal(lambda: load_vae(str(escape)))
+    check_refused("load_vae", traversal, ModelLoadError, ["'../evil.pt': path escapes"], marker)
     # Control: with the explicit opt-in the payload does run, so the refusal above is real.
-    opted_in = _outcome(lambda: load_vae(str(path), allow_pickle=True))
+    opted_in = _refusal(lambda: load_vae(str(path), allow_pickle=True))
     record(
         "security: pickle-flavoured MLflow model",
-        "an MLflow pytorch model saved with serialization_format=pickle whose unpickling writes "
-        "a marker; load_vae without, then with allow_pickle=True; metadata naming ../evil.pt",
-        f"without opt-in: {refused.split(':')[0]}, marker {marker_after_refusal}; "
-        f"'../' metadata: {traversal.split(':')[0]}; with opt-in the payload ran (marker "
-        f"{marker.exists()}) and the load ended {opted_in.split(':')[0]}",
+        "MLflow model pickled with a marker-writing payload: load_vae without, then with "
+        "allow_pickle=True; MLmodel metadata naming ../evil.pt",
+        f"no opt-in: {_name(refused)}; '../': {_name(traversal)}; opt-in: marker written "
+        f"{marker.exists()}, load ended {_name(opted_in)}",
     )
-    assert refused.startswith(UnsafeModelError.__name__) and "allow_pickle" in refused
-    assert not marker_after_refusal
-    assert traversal.startswith(ModelLoadError.__name__) and "escapes" in traversal
     assert marker.exists(), "control failed: the payload never ran, the test proves nothing"
 
 
@@ -312,40 +265,16 @@ LOCALHOST = re.compile(r"(--host|-h)[\s=\"',]+127\.0\.0\.1\b")
 ANY_ADDRESS = "0.0.0." + "0"  # spelled out so this file does not match its own scan
 
 
-def server_scan_files() -> list[Path]:
-    candidates = [REPO_ROOT / "README.md", REPO_ROOT / "prefect.yaml", REPO_ROOT / "Makefile"]
-    candidates += [REPO_ROOT / "pyproject.toml", REPO_ROOT / "dvc.yaml"]
-    for folder, pattern in (
-        ("scripts", "*"),
-        ("flows", "*.py"),
-        ("vae_core", "*.py"),
-        ("docs", "*"),
-        (".github", "*"),
-    ):
-        root = REPO_ROOT / folder
-        if root.is_dir():
-            candidates += [p for p in root.rglob(pattern) if p.is_file()]
-    return sorted({p for p in candidates if p.is_file() and "__pycache__" not in p.parts})
-
-
 def command_context(text: str, start: int) -> str:
     """The command line a match sits in, with backslash continuations and a Python call's
     argument list joined (up to the closing bracket or 400 characters)."""
-    line_start = text.rfind("\n", 0, start) + 1
-    end = start
-    while True:
-        nl = text.find("\n", end)
-        if nl == -1:
-            end = len(text)
-            break
-        line = text[line_start:nl] if end == start else text[end:nl]
+    line_start, end = text.rfind("\n", 0, start) + 1, start
+    while (nl := text.find("\n", end)) != -1 and text[end:nl].rstrip().endswith("\\"):
         end = nl + 1
-        if not line.rstrip().endswith("\\"):
-            break
-    snippet = text[line_start:end]
+    snippet = text[line_start : len(text) if nl == -1 else nl + 1]
     if "[" in text[line_start:start] or "(" in text[line_start:start]:
-        snippet = text[line_start : min(len(text), start + 400)]
-        for closer in ("]", ")"):
+        snippet = text[line_start : start + 400]
+        for closer in "])":
             idx = snippet.find(closer, start - line_start)
             if idx != -1:
                 snippet = snippet[: idx + 1]
@@ -354,7 +283,11 @@ def command_context(text: str, start: int) -> str:
 
 
 def test_every_server_command_binds_localhost(record) -> None:
-    files = server_scan_files()
+    names = ("README.md", "prefect.yaml", "Makefile", "pyproject.toml", "dvc.yaml")
+    globs = ("scripts/*", "flows/*.py", "vae_core/*.py", "docs/*", ".github/*")
+    found = [REPO_ROOT / n for n in names]
+    found += [p for g in globs for p in (REPO_ROOT / g).parent.rglob(Path(g).name)]
+    files = sorted({p for p in found if p.is_file() and "__pycache__" not in p.parts})
     commands, violations = [], []
     for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -370,8 +303,8 @@ def test_every_server_command_binds_localhost(record) -> None:
                 violations.append(f"{rel}:{line_no}: binds all interfaces: {line.strip()[:100]}")
     record(
         "security: servers bind 127.0.0.1",
-        f"scan of {len(files)} files (README, scripts/, flows/, vae_core/, prefect.yaml, CI) for "
-        "`mlflow ui|server`, `prefect server start` and all-interfaces addresses",
+        f"scan of {len(files)} files (README, scripts/, flows/, vae_core/, docs/, CI) for "
+        "`mlflow ui|server`, `prefect server start`, all-interfaces addresses",
         f"{len(commands)} server command(s) at {commands or 'none'}; "
         f"violations: {violations or 'none'}",
     )

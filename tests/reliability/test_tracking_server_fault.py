@@ -1,9 +1,9 @@
 """The MLflow tracking server killed while a pipeline run trains against it.
 
-Policy (README, `flows.tracking.lost_server`): MLflow's client retries each request with
-backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES); when the server stays gone the run fails with one
-`error:` line, registers nothing, and the next run after a restart succeeds. The server is
-killed at a point the run reports (its third logged epoch), never on a timer.
+Policy (README, `flows.tracking.lost_server`): MLflow's client retries each request
+(MLFLOW_HTTP_REQUEST_MAX_RETRIES); when the server stays gone the run fails with one `error:`
+line, registers nothing, and the next run after a restart succeeds. The server is killed once
+the run has logged its third epoch, never on a timer; both runs use the session's Prefect API.
 """
 
 from __future__ import annotations
@@ -11,22 +11,21 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
+from helpers import (
+    MLFLOW_SERVER_ENV,
+    bin_path,
+    child_env,
+    free_port,
+    mlflow_server_cmd,
+    wait_for,
+    wait_for_http,
+)
 
 pytestmark = pytest.mark.slow
 
 MODEL = "mnist-vae"
-
-
-def _server_cmd(proc_tools, root: Path, port: int) -> list[str]:
-    return [
-        proc_tools.bin_path("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'm.db'}",
-        "--artifacts-destination", str(root / "artifacts"), "--workers", "1",
-    ]  # fmt: skip
 
 
 def _epochs_logged(url: str) -> int:
@@ -42,75 +41,66 @@ def _epochs_logged(url: str) -> int:
 
 
 def test_server_killed_during_training(
-    pipeline_workspace, start_process, proc_tools, tmp_path, record
+    prefect_harness, pipeline_workspace, start_process, tmp_path, record
 ) -> None:
     from mlflow import MlflowClient
 
-    ws = pipeline_workspace("ws")
-    root = tmp_path / "server"
+    ws, root, port = pipeline_workspace("ws"), tmp_path / "server", free_port()
     root.mkdir()
-    port = proc_tools.free_port()
     url = f"http://127.0.0.1:{port}"
-    env = proc_tools.env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    server = start_process("mlflow-server", _server_cmd(proc_tools, root, port), env=env, cwd=root)
-    proc_tools.wait_for_http(f"{url}/health", server, timeout_s=180)
 
-    run_env = proc_tools.env(
+    def start_server(name: str):
+        cmd, env = mlflow_server_cmd(root, port), child_env(**MLFLOW_SERVER_ENV)
+        server = start_process(name, cmd, env=env, cwd=root)
+        wait_for_http(f"{url}/health", server, timeout_s=180)
+        return server
+
+    server = start_server("mlflow-server")
+    run_env = child_env(
+        PREFECT_API_URL=prefect_harness,
         MLFLOW_TRACKING_URI=url,
         MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
         MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
     )
-    cmd = [proc_tools.bin_path("vae-pipeline"), "run", "-S", "train.epochs=2000"]
-    with open(tmp_path / "run.log", "w") as log:
-        run = subprocess.Popen(cmd, cwd=ws, env=run_env, stdout=log, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 400
-        while _epochs_logged(url) < 3:
-            assert run.poll() is None, run.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the run never logged three epochs"
-            time.sleep(0.5)
-        os.killpg(server.popen.pid, signal.SIGKILL)
-        server.popen.wait()
-        _, err = run.communicate(timeout=400)
-    stderr = err.decode()
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    cmd = [bin_path("vae-pipeline"), "run", "-S", "train.epochs=2000"]
+    run = start_process("pipeline-run", cmd, env=run_env, cwd=ws)
+    wait_for("the run's third epoch", lambda: _epochs_logged(url) >= 3, 400, run, every_s=0.5)
+    os.killpg(server.popen.pid, signal.SIGKILL)
+    server.popen.wait()
+    run.popen.wait(400)
+    output = run.log.read_text(errors="replace")  # stdout and stderr
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
 
     # The server comes back on the same store: nothing was registered, and the next run works.
-    server = start_process(
-        "mlflow-server-2", _server_cmd(proc_tools, root, port), env=env, cwd=root
-    )
-    proc_tools.wait_for_http(f"{url}/health", server, timeout_s=180)
+    start_server("mlflow-server-2")
     client = MlflowClient(url)
     versions = client.search_model_versions(f"name='{MODEL}'")
     (failed,) = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
     again = subprocess.run(
-        [proc_tools.bin_path("vae-pipeline"), "run"], cwd=ws, env=run_env,
+        [bin_path("vae-pipeline"), "run"], cwd=ws, env=run_env,
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    champion = (
-        client.get_model_version_by_alias(MODEL, "champion") if again.returncode == 0 else None
-    )
-
+    champion = again.returncode == 0 and client.get_model_version_by_alias(MODEL, "champion")
     record(
         "fault: MLflow server killed during training",
-        "`vae-pipeline run -S train.epochs=2000` against `mlflow server`; the server SIGKILLed "
-        "after the run logged its third epoch (MLFLOW_HTTP_REQUEST_MAX_RETRIES=1); restarted on "
-        "the same store; `vae-pipeline run` again",
-        f"exit {run.returncode}; {errors or stderr[-300:]}; versions after: {len(versions)}; "
-        f"the killed run: {failed.info.status}; next run exit {again.returncode}, champion "
-        f"v{champion.version if champion else None}",
+        "`mlflow server` SIGKILLed after the run's third epoch (1 HTTP retry), restarted on the "
+        "same store; `vae-pipeline run` again",
+        f"exit {run.popen.returncode}; {errors or output[-300:]}; versions after: "
+        f"{len(versions)}; killed run {failed.info.status}; next run exit {again.returncode}, "
+        f"champion v{champion and champion.version}",
     )
-    assert run.returncode == 2 and len(errors) == 1, stderr[-3000:]
+    assert run.popen.returncode == 2 and len(errors) == 1, output[-3000:]
     assert errors[0] == (
         f"error: the MLflow tracking server stopped answering ({url}, after 1 retries); the run "
         "failed before registering anything: run it again once the server is back"
     )
     # The command's own word on it is that line, after Prefect's task log (which keeps its
     # traceback, as a log should).
-    lines = stderr.splitlines()
+    lines = output.splitlines()
     tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
     assert lines.index(errors[0]) > max(tracebacks, default=-1)
     assert versions == []
     # The server was gone when the run failed, so MLflow could not be told: it stays RUNNING.
     assert failed.info.status == "RUNNING"
     assert again.returncode == 0, again.stderr[-3000:]
-    assert champion is not None and champion.version == "1"
+    assert champion and champion.version == "1"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TWO_LAYER
 
 from vae_core.atomic import atomic_torch_save, atomic_write_text
 from vae_core.models import VAEConfig, build_vae
@@ -19,7 +20,9 @@ from vae_core.training.checkpoint import (
 )
 
 
-def test_failed_writes_keep_the_old_file_and_leave_no_temp_files(tmp_path: Path) -> None:
+def test_atomic_writes_keep_the_old_file_and_same_tensors_same_bytes(tmp_path: Path) -> None:
+    """A failed write keeps the old file and leaves no temp file; same tensors, same bytes
+    whatever the file's name (its DVC hash)."""
     target = tmp_path / "sub" / "w.pt"
     atomic_torch_save({"w": torch.arange(3)}, target)  # creates the missing folder
     before = target.read_bytes()
@@ -34,10 +37,6 @@ def test_failed_writes_keep_the_old_file_and_leave_no_temp_files(tmp_path: Path)
     assert [p.name for p in target.parent.iterdir()] == ["w.pt"]
     atomic_write_text(tmp_path / "a.json", "é\n")
     assert (tmp_path / "a.json").read_bytes() == "é\n".encode()
-
-
-def test_torch_files_do_not_depend_on_their_name(tmp_path: Path) -> None:
-    """Same tensors, same bytes: the DVC hash of a saved file does not depend on its name."""
     state = {"w": torch.arange(6.0).reshape(2, 3)}
     atomic_torch_save(state, tmp_path / "a.pt")
     atomic_torch_save(state, tmp_path / "b.pt")
@@ -46,11 +45,13 @@ def test_torch_files_do_not_depend_on_their_name(tmp_path: Path) -> None:
     assert torch.equal(loaded["w"], state["w"])
 
 
-def test_saved_model_round_trips_and_mismatches_name_the_files(tmp_path: Path) -> None:
-    model = build_vae(VAEConfig(hidden_sizes=[8], latent_dim=2))
+@pytest.mark.parametrize("config", [VAEConfig(hidden_sizes=[8], latent_dim=2), TWO_LAYER])
+def test_saved_model_round_trips_and_mismatches_name_the_files(tmp_path: Path, config) -> None:
+    """Weights and config alone (no pickle) rebuild the same model, of either family."""
+    model = build_vae(config, seed=3)
     weights = save_model(model, model.config.to_dict(), tmp_path / "m")
     loaded = load_model(tmp_path / "m")
-    assert not loaded.training
+    assert not loaded.training and type(loaded) is type(model) and loaded.config == config
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
     config_path = tmp_path / "m" / MODEL_CONFIG_NAME

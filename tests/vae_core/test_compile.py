@@ -1,21 +1,16 @@
-"""`train.compile: true`: the training loss compiles as one graph, and a compiled training run
-gives the eager run's figures.
-
-The noise eps is drawn outside `training_loss` (a seeded `randn` inside it would break the
-graph), so Dynamo must capture the whole loss, model included, in one graph with no break,
-for each model family and both objectives.
-
-The trainer run forces the `aot_eager` backend with `torch.compiler.set_stance` (public API;
-the trainer's own `torch.compile(training_loss)` call is unchanged): it still traces with
-Dynamo and splits forward and backward with AOTAutograd, but skips Inductor's C++ code
-generation and its gcc builds: a cold Inductor compile of this tiny run took 60-90 s on a busy
-two-core machine, against a few seconds here.
-"""
+"""`train.compile: true`: the training loss compiles as one graph, with no break (the noise eps
+is drawn outside `training_loss`), for each model family and both objectives; a compiled
+training run gives the eager run's figures. The trainer run forces the `aot_eager` backend with
+`torch.compiler.set_stance`: Dynamo and AOTAutograd as in a real run, without Inductor's C++
+builds (60-90 s cold on a busy two-core machine, against a few seconds here)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from helpers import TWO_LAYER
 from torch._dynamo.utils import counters
 
 from vae_core.config import VAEConfig
@@ -23,12 +18,12 @@ from vae_core.models.factory import build_vae
 from vae_core.objectives import training_loss
 from vae_core.training import TrainConfig, Trainer
 
+#: One small model of each family (the graph does not depend on the widths): the default
+#: ReLU MLP, Burda's one-layer tanh MLP with two hidden layers, and his two-layer model.
 MODELS = {
-    "default": VAEConfig(),
-    "burda-1-layer": VAEConfig(hidden_sizes=(200, 200), latent_dim=50, activation="tanh"),
-    "burda-2-layer": VAEConfig(
-        architecture="mlp2", hidden_sizes=(200, 200), latent_dim=100, activation="tanh"
-    ),
+    "default": VAEConfig(hidden_sizes=(32,), latent_dim=4),
+    "burda-1-layer": VAEConfig(hidden_sizes=(16, 16), latent_dim=6, activation="tanh"),
+    "burda-2-layer": TWO_LAYER,
 }
 BATCH, K = 8, 3
 
@@ -43,11 +38,6 @@ def fresh_dynamo():
     counters.clear()
 
 
-def _eps(model: torch.nn.Module, objective: str, gen: torch.Generator) -> torch.Tensor:
-    shape = (BATCH, model.noise_dim) if objective == "elbo" else (BATCH, K, model.noise_dim)
-    return torch.randn(shape, generator=gen)
-
-
 # beta < 1 (KL warm-up) takes the IWAE objective down its other branch: the tempered bound.
 @pytest.mark.parametrize(("objective", "beta"), [("elbo", 1.0), ("iwae", 1.0), ("iwae", 0.5)])
 @pytest.mark.parametrize("name", list(MODELS))
@@ -55,7 +45,8 @@ def test_training_loss_traces_as_one_graph_without_breaks(name, objective, beta)
     model = build_vae(MODELS[name], seed=0).train()
     gen = torch.Generator().manual_seed(0)
     x = torch.bernoulli(torch.rand(BATCH, 1, 28, 28, generator=gen), generator=gen)
-    eps = _eps(model, objective, gen)
+    shape = (BATCH, model.noise_dim) if objective == "elbo" else (BATCH, K, model.noise_dim)
+    eps = torch.randn(shape, generator=gen)
 
     explained = torch._dynamo.explain(training_loss)(model, x, eps, beta, objective)
 
@@ -79,17 +70,9 @@ def _images(n: int, seed: int) -> torch.Tensor:
 
 
 def _fit(compile_: bool, objective: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    config = TrainConfig(
-        compile=compile_,
-        epochs=1,
-        batch_size=64,
-        lr=1e-3,
-        objective=objective,
-        iwae_k=2 if objective == "iwae" else 1,
-        patience=0,
-        device="cpu",
-        seed=0,
-    )
+    config = TrainConfig(epochs=1, batch_size=64, lr=1e-3, patience=0, device="cpu", seed=0)
+    k = 2 if objective == "iwae" else 1
+    config = replace(config, compile=compile_, objective=objective, iwae_k=k)
     model = build_vae(VAEConfig(hidden_sizes=(64,), latent_dim=8), seed=0)
     trainer = Trainer(model, config, progress=False)
     # 160 images in batches of 64: the last batch (32) is another shape, as in real data.

@@ -1,4 +1,5 @@
-"""Data sources: embedded subset, local folders, the downloader (faked), retries, atomicity."""
+"""Data sources: embedded subset, local folders, the downloader (faked), transient failures
+versus bad input, atomicity."""
 
 from __future__ import annotations
 
@@ -6,17 +7,20 @@ import gzip
 import hashlib
 import json
 import os
+import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tree_digest, write_idx_folder
 
 from vae_core.data import (
     ChecksumError,
+    DataError,
     DatasetMismatchError,
-    FetchError,
     IdxFormatError,
     SourceError,
+    SourceUnavailable,
     fetch_raw,
     read_idx,
 )
@@ -33,7 +37,9 @@ def no_temp_leftovers(parent: Path) -> bool:
 # --------------------------------------------------------------------------- embedded
 
 
-def test_embedded_source_is_stratified_4000_1000(embedded_raw: Path) -> None:
+def test_embedded_source_is_stratified_4000_1000_and_deterministic(
+    embedded_raw: Path, tmp_path: Path
+) -> None:
     manifest = json.loads((embedded_raw / "manifest.json").read_text())
     assert manifest["dataset"] == "mnist" and manifest["source"] == "embedded"
     assert manifest["counts"] == {"train": 4000, "test": 1000}
@@ -47,53 +53,32 @@ def test_embedded_source_is_stratified_4000_1000(embedded_raw: Path) -> None:
     images = read_idx(embedded_raw / "train-images-idx3-ubyte.gz")
     assert images.shape == (4000, 28, 28) and images.dtype == np.uint8
     assert images.max() == 255 and images.min() == 0  # real grey levels, not rescaled
+    assert fetch_raw("embedded", "mnist", tmp_path / "again") == manifest
+    assert tree_digest(tmp_path / "again") == tree_digest(embedded_raw)
 
 
-def test_embedded_source_is_deterministic(embedded_raw: Path, tmp_path: Path, digest) -> None:
-    manifest = fetch_raw("embedded", "mnist", tmp_path / "again")
-    assert manifest == json.loads((embedded_raw / "manifest.json").read_text())
-    assert digest(tmp_path / "again") == digest(embedded_raw)
-
-
-def test_embedded_only_holds_mnist(tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match="'embedded' holds MNIST digits only.*'kmnist'"):
-        fetch_raw("embedded", "kmnist", tmp_path / "out", retries=0)
-    assert not (tmp_path / "out").exists()
+def _row(*last: str) -> str:
+    """A CSV row of 783 zero pixels and then ``last``."""
+    return ",".join(["0"] * 783 + list(last))
 
 
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        (",".join(["0"] * 783 + ["x", "3"]), r"row 2, column 784: expected a number, found 'x'"),
+        (_row("x", "3"), r"row 2, column 784: expected a number, found 'x'"),
         ("1,2", r"row 2: expected 785 comma-separated values.*found 2"),
         ("LABEL", r"row 2: expected 785 comma-separated values"),
+        (_row("300", "3"), r"row 2: expected pixel values 0..255, found values 0..300"),
+        (_row("0", "12"), r"row 2: expected a label 0..9 in the last column, found label 12"),
+        (_row("0.5", "3"), r"row 2: expected whole numbers, found a fraction"),
     ],
 )
 def test_embedded_csv_rows_are_checked(tmp_path: Path, row: str, message: str) -> None:
-    good = ",".join(["0"] * 784 + ["3"])
-    path = tmp_path / "mnist.csv.gz"
-    path.write_bytes(gzip.compress(f"{good}\n{row}\n{good}\n".encode()))
-    with pytest.raises(SourceError, match=message):
-        src.read_embedded_csv(path)
-
-
-@pytest.mark.parametrize(
-    ("pixel", "label", "message"),
-    [
-        ("300", "3", r"row 2: expected pixel values 0..255, found values 0..300"),
-        ("0", "12", r"row 2: expected a label 0..9 in the last column, found label 12"),
-        ("0.5", "3", r"row 2: expected whole numbers, found a fraction"),
-    ],
-)
-def test_embedded_csv_values_are_checked(
-    tmp_path: Path, pixel: str, label: str, message: str
-) -> None:
-    good = ",".join(["0"] * 784 + ["3"])
-    bad = ",".join(["0"] * 783 + [pixel, label])
-    path = tmp_path / "mnist.csv"
-    path.write_text(f"{good}\n{bad}\n")
-    with pytest.raises(SourceError, match=message):
-        src.read_embedded_csv(path)
+    text = f"{_row('0', '3')}\n{row}\n{_row('0', '3')}\n".encode()
+    for name, data in (("mnist.csv.gz", gzip.compress(text)), ("mnist.csv", text)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(SourceError, match=message):
+            src.read_embedded_csv(tmp_path / name)
 
 
 def test_stratified_split_needs_enough_per_class() -> None:
@@ -105,62 +90,72 @@ def test_stratified_split_needs_enough_per_class() -> None:
 # --------------------------------------------------------------------------- folders
 
 
-@pytest.mark.parametrize("gz", [True, False])
-def test_folder_source(tmp_path: Path, write_raw, gz: bool) -> None:
-    arrays = write_raw(tmp_path / "src", 120, 40, gz=gz)
+@pytest.mark.parametrize("variant", ["gz", "raw", "raw-under-gz-names"])
+def test_folder_source(tmp_path: Path, variant: str) -> None:
+    """Files are judged by content, not name; the copy is always gzip (.gz files byte for
+    byte)."""
+    arrays = write_idx_folder(tmp_path / "src", 120, 40, gz=variant != "raw")
+    if variant == "raw-under-gz-names":
+        for name in RAW_NAMES:
+            f = tmp_path / "src" / name
+            f.write_bytes(gzip.decompress(f.read_bytes()))
     manifest = fetch_raw(str(tmp_path / "src"), "mnist", tmp_path / "raw")
     assert manifest["counts"] == {"train": 120, "test": 40}
     assert manifest["label_counts"]["train"] == [12] * 10
-    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(
-        [*RAW_NAMES, "manifest.json"]
-    )
+    names = sorted(p.name for p in (tmp_path / "raw").iterdir())
+    assert names == sorted([*RAW_NAMES, "manifest.json"])
     for key, name in src.RAW_FILES.items():
-        np.testing.assert_array_equal(read_idx(tmp_path / "raw" / name), arrays[key])
-        if gz:  # .gz files are copied byte for byte
-            assert (tmp_path / "raw" / name).read_bytes() == (tmp_path / "src" / name).read_bytes()
+        out = tmp_path / "raw" / name
+        np.testing.assert_array_equal(read_idx(out), arrays[key])
+        assert out.read_bytes()[:2] == b"\x1f\x8b"
+        if variant == "gz":
+            assert out.read_bytes() == (tmp_path / "src" / name).read_bytes()
 
 
-def test_missing_folder(tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match=r"nowhere does not exist: expected a folder holding"):
-        fetch_raw(str(tmp_path / "nowhere"), "mnist", tmp_path / "raw")
+def _lacks_a_file(folder: Path) -> None:
+    write_idx_folder(folder)
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
 
 
-def test_misspelled_named_source_is_reported_as_missing_folder(tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match=r"embeded does not exist.*named sources embedded"):
-        fetch_raw("embeded", "mnist", tmp_path / "raw")
-
-
-def test_empty_folder(tmp_path: Path) -> None:
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(SourceError, match=r"empty is empty: expected a folder holding"):
-        fetch_raw(str(tmp_path / "empty"), "mnist", tmp_path / "raw")
-
-
-def test_folder_missing_a_file(tmp_path: Path, write_raw) -> None:
-    write_raw(tmp_path / "src")
-    (tmp_path / "src" / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(SourceError, match=r"lacks t10k-labels-idx1-ubyte.gz.*found: t10k-images"):
-        fetch_raw(str(tmp_path / "src"), "mnist", tmp_path / "raw")
-
-
-def test_source_is_a_file(tmp_path: Path) -> None:
-    (tmp_path / "f").write_text("x")
-    with pytest.raises(SourceError, match="is not a folder"):
-        fetch_raw(str(tmp_path / "f"), "mnist", tmp_path / "raw")
-
-
-def test_symlink_escaping_the_folder_is_refused(tmp_path: Path, write_raw) -> None:
-    write_raw(tmp_path / "outside")
-    write_raw(tmp_path / "src")
-    link = tmp_path / "src" / "train-images-idx3-ubyte.gz"
+def _escaping_link(folder: Path) -> None:
+    write_idx_folder(folder.parent / "outside")
+    write_idx_folder(folder)
+    link = folder / "train-images-idx3-ubyte.gz"
     link.unlink()
-    link.symlink_to(tmp_path / "outside" / "train-images-idx3-ubyte.gz")
-    with pytest.raises(SourceError, match=r"symlink that resolves outside the source folder"):
-        fetch_raw(str(tmp_path / "src"), "mnist", tmp_path / "raw")
+    link.symlink_to(folder.parent / "outside" / link.name)
 
 
-def test_symlink_inside_the_folder_is_fine(tmp_path: Path, write_raw) -> None:
-    write_raw(tmp_path / "src")
+#: id: (prepare the folder (Path.exists: nothing), the source (None: that folder), the dataset,
+#: the refusal)
+REFUSED = {
+    "missing": (Path.exists, None, "mnist", r"src does not exist: expected a folder holding"),
+    "misspelled": (Path.exists, "embeded", "mnist",
+                   r"embeded does not exist.*named sources embedded"),
+    "empty": (Path.mkdir, None, "mnist", r"src is empty: expected a folder holding"),
+    "a-file": (lambda f: f.write_text("x"), None, "mnist", "is not a folder"),
+    "lacks-a-file": (_lacks_a_file, None, "mnist",
+                     r"lacks t10k-labels-idx1-ubyte.gz.*found: t10k-images"),
+    "escaping-link": (_escaping_link, None, "mnist",
+                      r"symlink that resolves outside the source folder"),
+    "unknown-dataset": (write_idx_folder, None, "cifar",
+                        r"unknown dataset 'cifar'.*mnist, fashion-mnist, kmnist"),
+    "embedded-kmnist": (Path.exists, "embedded", "kmnist",
+                        r"'embedded' holds MNIST digits only.*'kmnist'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("prepare", "source", "dataset", "message"), REFUSED.values(), ids=REFUSED)
+def test_a_bad_source_is_refused_before_anything_is_written(
+    tmp_path: Path, prepare, source, dataset, message
+) -> None:
+    prepare(tmp_path / "src")
+    with pytest.raises(SourceError, match=message):
+        fetch_raw(source or str(tmp_path / "src"), dataset, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists() and no_temp_leftovers(tmp_path)
+
+
+def test_symlink_inside_the_folder_is_fine(tmp_path: Path) -> None:
+    write_idx_folder(tmp_path / "src")
     (tmp_path / "src" / "store").mkdir()
     name = "train-images-idx3-ubyte.gz"
     os.replace(tmp_path / "src" / name, tmp_path / "src" / "store" / name)
@@ -168,56 +163,14 @@ def test_symlink_inside_the_folder_is_fine(tmp_path: Path, write_raw) -> None:
     assert fetch_raw(str(tmp_path / "src"), "mnist", tmp_path / "raw")["counts"]["train"] == 120
 
 
-def test_unknown_dataset(tmp_path: Path, write_raw) -> None:
-    write_raw(tmp_path / "src")
-    with pytest.raises(SourceError, match=r"unknown dataset 'cifar'.*mnist, fashion-mnist, kmnist"):
-        fetch_raw(str(tmp_path / "src"), "cifar", tmp_path / "raw")
-
-
-@pytest.mark.parametrize(
-    ("damage", "error", "message"),
-    [
-        ("truncate", IdxFormatError, r"train-images-idx3-ubyte.gz: truncated"),
-        ("magic", IdxFormatError, r"train-images-idx3-ubyte.gz: wrong magic number"),
-        ("count", DatasetMismatchError, r"counts disagree"),
-        ("label", DatasetMismatchError, r"t10k-labels-idx1-ubyte.gz: labels out of range"),
-    ],
-)
-def test_bad_folder_leaves_previous_dest_untouched(
-    tmp_path: Path, write_raw, digest, damage: str, error: type, message: str
-) -> None:
-    dest = tmp_path / "raw"
-    write_raw(tmp_path / "good")
-    fetch_raw(str(tmp_path / "good"), "mnist", dest)
-    before = digest(dest)
-    bad = tmp_path / "bad"
-    arrays = write_raw(bad)
-    images = bad / "train-images-idx3-ubyte.gz"
-    if damage == "truncate":
-        images.write_bytes(images.read_bytes()[:-200])
-    elif damage == "magic":
-        images.write_bytes(gzip.compress(b"\x12\x34" + encode_idx(arrays["train_images"])[2:]))
-    elif damage == "count":
-        write_idx(bad / "train-labels-idx1-ubyte.gz", arrays["train_labels"][:-1])
-    else:
-        labels = arrays["test_labels"].copy()
-        labels[3] = 11
-        write_idx(bad / "t10k-labels-idx1-ubyte.gz", labels)
-    with pytest.raises(error, match=message):
-        fetch_raw(str(bad), "mnist", dest)
-    assert digest(dest) == before
-    assert no_temp_leftovers(tmp_path)
-
-
-def test_official_sized_files_must_match_published_md5(
-    tmp_path: Path, write_raw, monkeypatch
-) -> None:
+def test_official_sized_gz_files_must_match_published_md5(tmp_path: Path, monkeypatch) -> None:
     # Pretend 120/40 are the official counts so the check applies to a small folder.
     monkeypatch.setattr(src, "OFFICIAL_COUNTS", {"train": 120, "test": 40})
-    write_raw(tmp_path / "src")
+    write_idx_folder(tmp_path / "src")
     real = {n: src.file_digest(tmp_path / "src" / n, "md5") for n in RAW_NAMES}
     monkeypatch.setattr(src, "published_md5", lambda dataset: dict(real))
-    fetch_raw(str(tmp_path / "src"), "mnist", tmp_path / "raw")  # all sums match
+    manifest = fetch_raw(str(tmp_path / "src"), "mnist", tmp_path / "raw")  # all sums match
+    assert manifest["counts"] == {"train": 120, "test": 40}
 
     wrong = dict(real, **{"t10k-images-idx3-ubyte.gz": "0" * 32})
     monkeypatch.setattr(src, "published_md5", lambda dataset: wrong)
@@ -229,13 +182,9 @@ def test_official_sized_files_must_match_published_md5(
     ):
         fetch_raw(str(tmp_path / "src"), "mnist", tmp_path / "raw")
     assert (tmp_path / "raw" / "manifest.json").read_bytes() == before
-
-
-def test_uncompressed_official_files_skip_the_gz_md5(tmp_path: Path, write_raw, monkeypatch):
-    monkeypatch.setattr(src, "OFFICIAL_COUNTS", {"train": 120, "test": 40})
-    monkeypatch.setattr(src, "published_md5", lambda dataset: {n: "0" * 32 for n in RAW_NAMES})
-    write_raw(tmp_path / "src", gz=False)
-    assert fetch_raw(str(tmp_path / "src"), "mnist", tmp_path / "raw")["counts"]["test"] == 40
+    # Uncompressed files have no published md5 to match: the gz sums are skipped.
+    write_idx_folder(tmp_path / "plain", gz=False)
+    assert fetch_raw(str(tmp_path / "plain"), "mnist", tmp_path / "raw2")["counts"]["test"] == 40
 
 
 def test_published_md5_comes_from_torchvision() -> None:
@@ -245,84 +194,85 @@ def test_published_md5_comes_from_torchvision() -> None:
     assert sorted(src.published_md5("kmnist")) == RAW_NAMES  # URLs reduced to file names
 
 
-# --------------------------------------------------------------------------- retries
+# --------------------------------------------------------------------------- failures
 
 
-def flaky_source(failures: int, write_raw, calls: list[int]):
+def failing_source(exc: BaseException, calls: list[int]):
+    """A named source that writes half a file, then fails with ``exc``."""
+
     def fetch(dataset: str, staging: Path) -> None:
         calls.append(1)
-        (staging / "partial-junk").write_text("left by a failed attempt")
-        if len(calls) <= failures:
-            raise ConnectionError(f"network down (attempt {len(calls)})")
-        (staging / "partial-junk").unlink()
-        write_raw(staging)
+        (staging / src.RAW_FILES["train_images"]).write_bytes(b"half a download")
+        raise exc
 
     return fetch
 
 
-def test_source_that_fails_twice_is_retried_with_backoff(tmp_path: Path, write_raw) -> None:
-    calls: list[int] = []
-    sleeps: list[float] = []
-    manifest = fetch_raw(
-        "flaky",
-        "mnist",
-        tmp_path / "raw",
-        retries=3,
-        backoff_s=0.01,
-        sources={"flaky": flaky_source(2, write_raw, calls)},
-        sleep=sleeps.append,
-    )
-    assert len(calls) == 3
-    assert sleeps == pytest.approx([0.01, 0.02])  # exponential backoff
-    assert manifest["source"] == "flaky" and manifest["counts"]["train"] == 120
-    assert not (tmp_path / "raw" / "partial-junk").exists()
-
-
-def test_real_sleep_is_used_by_default(tmp_path: Path, write_raw) -> None:
-    calls: list[int] = []
-    src.SOURCES["flaky-test"] = flaky_source(1, write_raw, calls)
-    try:
-        fetch_raw("flaky-test", "mnist", tmp_path / "raw", retries=1, backoff_s=0.001)
-    finally:
-        del src.SOURCES["flaky-test"]
-    assert len(calls) == 2
-
-
-def test_permanent_failure_leaves_previous_dest_untouched(
-    tmp_path: Path, write_raw, digest
+@pytest.mark.parametrize(
+    ("damage", "error", "message"),
+    [
+        ("truncate", IdxFormatError, r"train-images-idx3-ubyte.gz: truncated"),
+        ("magic", IdxFormatError, r"train-images-idx3-ubyte.gz: wrong magic number"),
+        ("count", DatasetMismatchError, r"counts disagree"),
+        ("label", DatasetMismatchError, r"t10k-labels-idx1-ubyte.gz: labels out of range"),
+        ("unreachable", SourceUnavailable, r"^fetching mnist from source 'down' failed: "
+         r"ConnectionResetError: connection reset by peer \(transient: worth trying again\)$"),
+    ],
+)  # fmt: skip
+def test_a_failed_fetch_keeps_the_previous_dest_and_leaves_no_litter(
+    tmp_path: Path, damage: str, error: type, message: str
 ) -> None:
+    """A bad folder is bad input (a DataError); an unreachable source is tried once (retrying
+    is the orchestrator's job) and is not a DataError, so the stage does not call it bad input."""
     dest = tmp_path / "raw"
-    write_raw(tmp_path / "good")
+    write_idx_folder(tmp_path / "good")
     fetch_raw(str(tmp_path / "good"), "mnist", dest)
-    before = digest(dest)
-    calls: list[int] = []
-    with pytest.raises(FetchError, match=r"failed after 3 attempt\(s\).*network down"):
-        fetch_raw(
-            "flaky",
-            "mnist",
-            dest,
-            retries=2,
-            backoff_s=0.0,
-            sources={"flaky": flaky_source(99, write_raw, calls)},
-        )
-    assert len(calls) == 3
-    assert digest(dest) == before
+    before = tree_digest(dest)
+    bad, calls = tmp_path / "bad", []
+    arrays = write_idx_folder(bad)
+    images = bad / "train-images-idx3-ubyte.gz"
+    if damage == "truncate":
+        images.write_bytes(images.read_bytes()[:-200])
+    elif damage == "magic":
+        images.write_bytes(gzip.compress(b"\x12\x34" + encode_idx(arrays["train_images"])[2:]))
+    elif damage == "count":
+        write_idx(bad / "train-labels-idx1-ubyte.gz", arrays["train_labels"][:-1])
+    elif damage == "label":
+        labels = arrays["test_labels"].copy()
+        labels[3] = 11
+        write_idx(bad / "t10k-labels-idx1-ubyte.gz", labels)
+    down = failing_source(ConnectionResetError("connection reset by peer"), calls)
+    source = "down" if damage == "unreachable" else str(bad)
+    with pytest.raises(error, match=message) as info:
+        fetch_raw(source, "mnist", dest, sources={"down": down})
+    assert isinstance(info.value, DataError) == (damage != "unreachable")
+    assert calls == ([1] if damage == "unreachable" else [])
+    assert tree_digest(dest) == before
     assert no_temp_leftovers(tmp_path)
 
 
-def test_data_errors_are_not_retried(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(503, SourceUnavailable), (500, SourceUnavailable), (429, SourceUnavailable),
+     (404, SourceError), (403, SourceError)],
+)  # fmt: skip
+def test_http_status_decides_transient_or_bad_input(tmp_path: Path, status: int, error) -> None:
+    url = "http://mirror.invalid/t10k-images-idx3-ubyte.gz"
+    refused = urllib.error.HTTPError(url, status, "answer", {}, None)
     calls: list[int] = []
+    with pytest.raises(error, match=f"HTTP.*{status}") as info:
+        fetch_raw("m", "mnist", tmp_path / "raw", sources={"m": failing_source(refused, calls)})
+    assert isinstance(info.value, DataError) == (error is SourceError)
+    assert calls == [1] and not (tmp_path / "raw").exists()
 
-    def bad(dataset: str, staging: Path) -> None:
-        calls.append(1)
-        raise SourceError("the data itself is wrong")
 
+def test_data_errors_pass_through_and_garbage_is_validated(tmp_path: Path) -> None:
+    calls: list[int] = []
+    wrong = failing_source(SourceError("the data itself is wrong"), calls)
     with pytest.raises(SourceError, match="itself is wrong"):
-        fetch_raw("bad", "mnist", tmp_path / "raw", sources={"bad": bad}, sleep=lambda s: None)
+        fetch_raw("bad", "mnist", tmp_path / "raw", sources={"bad": wrong})
     assert calls == [1]
 
-
-def test_source_writing_garbage_is_validated(tmp_path: Path) -> None:
     def garbage(dataset: str, staging: Path) -> None:
         for name in RAW_NAMES:
             (staging / name).write_bytes(b"<html>rate limited</html>")
@@ -332,27 +282,11 @@ def test_source_writing_garbage_is_validated(tmp_path: Path) -> None:
     assert not (tmp_path / "raw").exists()
 
 
-def test_retrying_helper() -> None:
-    sleeps: list[float] = []
-    attempts = iter([OSError("a"), RuntimeError("b"), "ok"])
-
-    def fn() -> str:
-        item = next(attempts)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    assert src.retrying(fn, 2, 0.5, sleep=sleeps.append) == "ok"
-    assert sleeps == [0.5, 1.0]
-    with pytest.raises(ValueError, match="retries must be >= 0"):
-        src.retrying(fn, -1, 0.5)
-
-
 # --------------------------------------------------------------------------- download (faked)
 
 
-def test_download_source_copies_torchvision_raw_files(
-    tmp_path: Path, write_raw, monkeypatch
+def test_download_source_copies_torchvision_raw_files_and_a_failure_is_transient(
+    tmp_path: Path, monkeypatch
 ) -> None:
     import torchvision.datasets as tvd
 
@@ -364,34 +298,20 @@ def test_download_source_copies_torchvision_raw_files(
         def __init__(self, root: str, train: bool, download: bool) -> None:
             created.append((root, download))
             self.raw_folder = os.path.join(root, "KMNIST", "raw")
-            write_raw(Path(self.raw_folder))
-
-    monkeypatch.setattr(tvd, "KMNIST", FakeKMNIST)
-    manifest = fetch_raw("download", "kmnist", tmp_path / "raw", retries=0)
-    assert manifest["dataset"] == "kmnist" and manifest["counts"] == {"train": 120, "test": 40}
-    assert created and created[0][1] is True
-    assert not Path(created[0][0]).exists()  # the temporary root is cleaned up
-
-
-def test_download_failure_is_retried_then_reported(tmp_path: Path, monkeypatch) -> None:
-    import torchvision.datasets as tvd
+            write_idx_folder(Path(self.raw_folder))
 
     class Broken:
         def __init__(self, *args, **kwargs) -> None:
             raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
+    monkeypatch.setattr(tvd, "KMNIST", FakeKMNIST)
     monkeypatch.setattr(tvd, "FashionMNIST", Broken)
-    monkeypatch.setattr(src.time, "sleep", lambda s: None)
-    with pytest.raises(FetchError, match=r"fashion-mnist.*'download' failed after 2 attempt"):
-        fetch_raw("download", "fashion-mnist", tmp_path / "raw", retries=1, backoff_s=5.0)
-
-
-def test_folder_files_are_judged_by_content_not_name(tmp_path: Path, write_raw) -> None:
-    arrays = write_raw(tmp_path / "src")
-    for name in RAW_NAMES:  # raw bytes under .gz names
-        f = tmp_path / "src" / name
-        f.write_bytes(gzip.decompress(f.read_bytes()))
-    fetch_raw(str(tmp_path / "src"), "mnist", tmp_path / "raw")
-    for key, name in src.RAW_FILES.items():
-        assert (tmp_path / "raw" / name).read_bytes()[:2] == b"\x1f\x8b"
-        np.testing.assert_array_equal(read_idx(tmp_path / "raw" / name), arrays[key])
+    manifest = fetch_raw("download", "kmnist", tmp_path / "raw")
+    assert manifest["dataset"] == "kmnist" and manifest["counts"] == {"train": 120, "test": 40}
+    assert created and created[0][1] is True
+    assert not Path(created[0][0]).exists()  # the temporary root is cleaned up
+    with pytest.raises(
+        SourceUnavailable,
+        match=r"fashion-mnist from source 'download' failed: RuntimeError: Error downloading",
+    ):
+        fetch_raw("download", "fashion-mnist", tmp_path / "raw2")

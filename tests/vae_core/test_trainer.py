@@ -1,13 +1,32 @@
-"""The trainer: learning, exact resume, refusing a non-finite loss, callbacks."""
+"""The trainer: learning, exact resume, early stopping by the trained objective, refusing a
+non-finite loss, the views of the data it feeds, the KL warm-up and the learning-rate schedule
+(with an injected clock for the time budget)."""
+
+from functools import partial
+from itertools import count
+from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import TWO_LAYER
 
+from vae_core.evaluation.likelihood import iwae_log_likelihood
 from vae_core.models import VAEConfig, build_vae
-from vae_core.objectives import iwae_bound
-from vae_core.training import NonFiniteLossError, TrainConfig, Trainer, load_checkpoint
+from vae_core.objectives import dataset_elbo, iwae_bound
+from vae_core.training import (
+    EVAL_BATCH_SIZE,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    run_training,
+    to_unit_float,
+)
+from vae_core.training.trainer import CheckpointMismatchError
 
 SMALL = VAEConfig(hidden_sizes=[64], latent_dim=4)
+TINY = VAEConfig(hidden_sizes=[8], latent_dim=2)
+WIDE = VAEConfig(hidden_sizes=[256], latent_dim=8)  # overfits sixteen images in a few epochs
 
 
 def _images(n: int, seed: int) -> torch.Tensor:
@@ -22,174 +41,184 @@ def _config(**overrides) -> TrainConfig:
     return TrainConfig(**(values | overrides))
 
 
-def test_training_lowers_validation_loss_and_reports_each_epoch(tmp_path):
-    seen = []
-    trainer = Trainer(build_vae(SMALL), _config(), progress=False)
-    result = trainer.fit(_images(512, 0), _images(128, 1), tmp_path, callbacks=[seen.append])
-    assert [m["epoch"] for m in seen] == [1, 2, 3]
-    assert seen[-1]["val_neg_elbo"] < seen[0]["val_neg_elbo"]
-    assert result.epochs_completed == 3 and result.train_samples_per_second > 0
-    assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
+def _trainer(config: VAEConfig = SMALL, seed: int = 0, **overrides) -> Trainer:
+    """A trainer of a seeded model: its weights do not depend on the tests run before."""
+    return Trainer(build_vae(config, seed=seed), _config(**overrides), progress=False)
 
 
-def test_resume_after_interruption_gives_identical_weights(tmp_path):
-    reference = Trainer(build_vae(SMALL, seed=0), _config(), progress=False)
-    reference.fit(_images(256, 0), _images(64, 1), tmp_path / "straight")
+def _stop_after(epoch: int):
+    """An epoch callback that interrupts training once `epoch` is done (and checkpointed)."""
 
-    def crash_after_first_epoch(metrics):
-        if metrics["epoch"] == 1:
+    def callback(metrics):
+        if metrics["epoch"] == epoch:
             raise KeyboardInterrupt
 
-    interrupted = Trainer(build_vae(SMALL, seed=0), _config(), progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit(
-            _images(256, 0),
-            _images(64, 1),
-            tmp_path / "resumed",
-            callbacks=[crash_after_first_epoch],
-        )
-    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    return callback
 
-    resumed = Trainer(build_vae(SMALL, seed=0), _config(), progress=False)
-    result = resumed.fit(_images(256, 0), _images(64, 1), tmp_path / "resumed")
+
+def test_training_lowers_validation_loss_and_reports_each_epoch(tmp_path):
+    seen, trainer = [], _trainer()
+    result = trainer.fit(_images(512, 0), _images(128, 1), tmp_path, callbacks=[seen.append])
+    assert [m["epoch"] for m in seen] == [1, 2, 3] and seen == result.history
+    assert seen[-1]["val_neg_elbo"] < seen[0]["val_neg_elbo"]
+    assert result.epochs_completed == 3 and result.train_samples_per_second > 0
+    assert (tmp_path / "last.pt").is_file()
+    # The elbo objective is chosen by the validation -ELBO alone: no IWAE bound computed.
+    assert all("val_neg_iwae" not in m for m in result.history)
+    assert result.best_val_neg_iwae is None
+    assert result.best_val_score == result.best_val_neg_elbo
+    best = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(trainer.model.state_dict()[k].cpu(), v) for k, v in best.items())
+
+
+def test_resume_after_interruption_gives_identical_weights_and_refuses_other_settings(tmp_path):
+    train, val, folder = _images(256, 0), _images(64, 1), tmp_path / "resumed"
+    reference = _trainer()
+    reference.fit(train, val, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        _trainer().fit(train, val, folder, [_stop_after(1)])
+    assert load_checkpoint(folder / "last.pt")["epoch"] == 1
+    resumed = _trainer()
+    result = resumed.fit(train, val, folder)
     assert result.resumed_from_epoch == 1 and result.epochs_completed == 3
     for name, tensor in reference.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    # A checkpoint made with other settings is refused; more epochs (and a new patience) is
+    # what resuming is for: allowed.
+    refused = r"last.pt: .*train.lr: checkpoint 0.002, now"
+    with pytest.raises(CheckpointMismatchError, match=refused):
+        _trainer(epochs=4, lr=3e-3).fit(train, val, folder)
+    result = _trainer(epochs=4, patience=3).fit(train, val, folder)
+    assert result.resumed_from_epoch == 3 and result.epochs_completed == 4
+    # A fresh start (resume=False) never brings back that run's best weights.
+    assert (folder / "best.pt").is_file()
+    fresh = _trainer(seed=5, epochs=0)
+    initial = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    fresh.fit(train, val, folder, resume=False)
+    assert all(torch.equal(fresh.model.state_dict()[k], v) for k, v in initial.items())
+    assert not (folder / "best.pt").exists()
 
 
-def test_non_finite_loss_stops_before_the_step(tmp_path):
-    model = build_vae(SMALL)
+def test_a_non_finite_training_or_validation_loss_stops_before_the_step_or_save(tmp_path):
+    trainer = _trainer()
     with torch.no_grad():
-        model.decoder.net[-1].bias.fill_(float("nan"))
-    trainer = Trainer(model, _config(), progress=False)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+        trainer.model.decoder.net[-1].bias.fill_(float("nan"))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 1"):
         trainer.fit(_images(64, 0), _images(16, 1), tmp_path)
     assert not trainer.optimizer.state  # no Adam step was taken
     for name, tensor in trainer.model.state_dict().items():
         assert torch.equal(tensor, before[name]) or torch.isnan(tensor).all(), name
     assert not (tmp_path / "last.pt").exists()
-
-
-def test_early_stopping_stops_when_validation_worsens_and_keeps_the_best_epoch(tmp_path):
-    # Sixteen training images and a large lr: the model overfits, the validation -ELBO turns
-    # up, and training stops `patience` epochs after its best epoch, whose weights it keeps.
-    cfg = _config(epochs=200, lr=3e-3, batch_size=16, patience=3)
-    trainer = Trainer(
-        build_vae(VAEConfig(hidden_sizes=[256], latent_dim=8), seed=0), cfg, progress=False
-    )
-    result = trainer.fit(_images(16, 0), _images(64, 1), tmp_path)
-    val = [m["val_neg_elbo"] for m in result.history]
-    assert result.stopped_early and result.epochs_completed < 200
-    assert result.best_epoch == result.epochs_completed - 3
-    assert min(val) == val[result.best_epoch - 1] == result.best_val_neg_elbo
-    assert all(v > result.best_val_neg_elbo for v in val[result.best_epoch :])  # it did worsen
-
-
-def test_an_iwae_model_is_stopped_and_kept_by_its_validation_iwae_bound(tmp_path):
-    # The overfitting set-up above, trained for the IWAE bound with k=5: early stopping and the
-    # kept weights follow the -IWAE bound (with fixed noise), not the -ELBO.
-    from vae_core.evaluation.likelihood import iwae_log_likelihood
-
-    cfg = _config(epochs=200, lr=3e-3, batch_size=16, patience=3, objective="iwae", iwae_k=5)
-    trainer = Trainer(
-        build_vae(VAEConfig(hidden_sizes=[256], latent_dim=8), seed=0), cfg, progress=False
-    )
-    val_images = _images(64, 1)
-    result = trainer.fit(_images(16, 0), val_images, tmp_path)
-    bound = [m["val_neg_iwae"] for m in result.history]
-    assert result.stopped_early and result.best_epoch == result.epochs_completed - 3
-    assert min(bound) == bound[result.best_epoch - 1] == result.best_val_neg_iwae
-    assert all(v > result.best_val_neg_iwae for v in bound[result.best_epoch :])
-    assert result.best_val_score == result.best_val_neg_iwae
-    assert result.best_val_neg_elbo == result.history[result.best_epoch - 1]["val_neg_elbo"]
-    again = iwae_log_likelihood(
-        trainer.model, trainer._fixed_validation_set(val_images), 5, seed=trainer._eval_seed
-    )
-    assert float(-again.mean()) == pytest.approx(result.best_val_neg_iwae, rel=1e-6)
-    checkpoint = load_checkpoint(tmp_path / "last.pt")
-    assert checkpoint["best_val_score"] == result.best_val_neg_iwae
-
-
-def test_the_elbo_objective_is_chosen_by_the_elbo_alone(tmp_path):
-    result = Trainer(build_vae(SMALL, seed=0), _config(epochs=2), progress=False).fit(
-        _images(128, 0), _images(32, 1), tmp_path
-    )
-    assert all("val_neg_iwae" not in m for m in result.history)
-    assert result.best_val_neg_iwae is None
-    assert result.best_val_score == result.best_val_neg_elbo
-
-
-def test_a_non_finite_validation_loss_stops_training_before_saving_that_epoch(tmp_path):
+    # A non-finite validation loss stops training before that epoch is saved.
     val = _images(16, 1).float() / 255.0
     val[0, 0, 0] = float("nan")  # no finite -ELBO can come out of this validation set
-    trainer = Trainer(build_vae(SMALL, seed=0), _config(data_variant="continuous"), progress=False)
     with pytest.raises(NonFiniteLossError, match="validation -ELBO became nan after epoch 1"):
-        trainer.fit(_images(64, 0), val, tmp_path)
-    assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()
+        _trainer(data_variant="continuous").fit(_images(64, 0), val, tmp_path / "v")
+    assert not (tmp_path / "v" / "best.pt").exists() and not (tmp_path / "v" / "last.pt").exists()
 
 
-def test_the_learning_rate_follows_the_schedule(tmp_path):
-    cfg = _config(epochs=4, lr=1e-3, lr_schedule="exponential", lr_final=0.1)
-    trainer = Trainer(build_vae(SMALL, seed=0), cfg, progress=False)
-    result = trainer.fit(_images(64, 0), _images(16, 1), tmp_path)
-    assert [m["lr"] for m in result.history] == pytest.approx(
-        [1e-3 * 0.1 ** (e / 3) for e in range(4)]
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_early_stopping_keeps_the_best_epoch_by_the_objective_trained_for(tmp_path, objective):
+    # Sixteen training images and a large lr: the model overfits, the validation score turns
+    # up, and training stops `patience` epochs after its best epoch, whose weights it keeps.
+    # The score is the objective's: the -ELBO, or the -IWAE bound with k=5 (fixed noise).
+    k = 5 if objective == "iwae" else 1
+    trainer = _trainer(
+        WIDE, epochs=200, lr=3e-3, batch_size=16, patience=3, objective=objective, iwae_k=k
     )
+    val = _images(64, 1)
+    result = trainer.fit(_images(16, 0), val, tmp_path)
+    score, best = [m[f"val_neg_{objective}"] for m in result.history], result.best_val_score
+    assert result.stopped_early and result.epochs_completed < 200
+    assert result.best_epoch == result.epochs_completed - 3
+    assert min(score) == score[result.best_epoch - 1] == best
+    assert all(v > best for v in score[result.best_epoch :])  # it did worsen
+    assert result.best_val_neg_elbo == result.history[result.best_epoch - 1]["val_neg_elbo"]
+    assert load_checkpoint(tmp_path / "last.pt")["best_val_score"] == best
+    # The weights kept are the best epoch's: scored again on the same fixed validation bits
+    # and noise, they give the figure that epoch had.
+    fixed = trainer._fixed_validation_set(val)
+    if objective == "elbo":
+        again = dataset_elbo(trainer.model, fixed, EVAL_BATCH_SIZE, trainer._eval_generator()).elbo
+        assert best == result.best_val_neg_elbo
+    else:
+        again = iwae_log_likelihood(trainer.model, fixed, 5, seed=trainer._eval_seed)
+        assert best == result.best_val_neg_iwae
+    assert float(-again.mean()) == pytest.approx(best, rel=1e-6)
 
 
-def test_a_time_budget_stops_after_the_epoch_that_passes_it(tmp_path):
-    cfg = _config(epochs=5, max_minutes=1e-9)  # any epoch takes longer than this
-    result = Trainer(build_vae(SMALL, seed=0), cfg, progress=False).fit(
-        _images(64, 0), _images(16, 1), tmp_path
-    )
-    assert result.stopped_by_time and not result.stopped_early and result.epochs_completed == 1
-
-
-@pytest.mark.parametrize(
-    "model_config",
-    [
-        SMALL,
-        VAEConfig(
-            architecture="mlp2",
-            hidden_sizes=[64],
-            latent_dim=8,
-            activation="tanh",
-            top_hidden_sizes=[32],
-            top_latent_dim=4,
-        ),
-    ],
-    ids=["one-layer", "two-layer"],
-)
+@pytest.mark.parametrize("model_config", [SMALL, TWO_LAYER], ids=["one-layer", "two-layer"])
 def test_the_iwae_objective_trains_and_its_bound_beats_the_elbo(tmp_path, model_config):
-    cfg = _config(epochs=3, objective="iwae", iwae_k=5)
-    trainer = Trainer(build_vae(model_config, seed=0), cfg, progress=False)
+    trainer = _trainer(model_config, objective="iwae", iwae_k=5)
     result = trainer.fit(_images(256, 0), _images(64, 1), tmp_path)
     assert result.history[-1]["val_neg_elbo"] < result.history[0]["val_neg_elbo"]
     # The k=5 bound on the training data is tighter than the one-sample ELBO on the same data.
-    x = torch.bernoulli(
-        _images(256, 0).float().div(255).unsqueeze(1), generator=torch.Generator().manual_seed(0)
-    )
+    x = torch.bernoulli(to_unit_float(_images(256, 0)), generator=torch.Generator().manual_seed(0))
     model = trainer.model
     with torch.no_grad():
         eps = torch.randn(256, 5, model.noise_dim, generator=torch.Generator().manual_seed(1))
-        iwae = iwae_bound(model, x, eps).mean()
-        elbo = model.elbo_terms(x, eps[:, 0]).elbo.mean()
-    assert iwae > elbo
+        assert iwae_bound(model, x, eps).mean() > model.elbo_terms(x, eps[:, 0]).elbo.mean()
 
 
-def test_binarized_variant_feeds_binary_pixels(tmp_path):
-    batches = []
-    trainer = Trainer(build_vae(SMALL), _config(epochs=1, data_variant="binarized"), progress=False)
-    original = trainer.loss_fn
-    trainer.loss_fn = lambda model, x, eps, beta, objective: (
-        batches.append(x) or original(model, x, eps, beta, objective)
-    )
-    grey = torch.full((64, 28, 28), 128, dtype=torch.uint8)
-    trainer.fit(grey, grey[:8], tmp_path)
-    pixels = torch.cat(batches)
-    assert set(pixels.unique().tolist()) == {0.0, 1.0}
-    assert 0.4 < pixels.mean().item() < 0.6  # Bernoulli(128/255) draws
+def test_float_view_and_dynamic_binarization():
+    """The views a model sees come from the trainer: uint8 -> float in [0, 1], and a fresh
+    seeded Bernoulli draw of every image each epoch (the binarized variant), from the pixels'
+    grey levels."""
+    images = torch.tensor([[[0, 255], [128, 64]]], dtype=torch.uint8).repeat(4, 14, 14)
+    x = to_unit_float(images)
+    assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32
+    assert x.min() == 0.0 and x.max() == 1.0
+    assert to_unit_float(images.unsqueeze(1)).shape == (4, 1, 28, 28)
+
+    def epoch_inputs() -> list[torch.Tensor]:
+        """What the loss sees in each of two epochs, training on a single image."""
+        seen: list[torch.Tensor] = []
+        trainer = _trainer(TINY, epochs=2, batch_size=8, data_variant="binarized")
+        loss_fn = trainer.loss_fn
+        trainer.loss_fn = lambda model, xb, eps, beta, objective: (
+            seen.append(xb) or loss_fn(model, xb, eps, beta, objective)
+        )
+        trainer.fit(images[:1], images[:1])
+        return seen
+
+    b1, b2 = epoch_inputs()
+    assert b1.dtype == torch.float32 and set(b1.unique().tolist()) <= {0.0, 1.0}
+    x1 = x[:1]
+    assert torch.all(b1[x1 == 0] == 0) and torch.all(b1[x1 == 1] == 1)
+    grey = torch.cat([b1[x1 == 128 / 255], b2[x1 == 128 / 255]])  # 392 Bernoulli(0.502) draws
+    assert 0.4 < grey.mean().item() < 0.6
+    assert not torch.equal(b1, b2)  # fresh draws each epoch: dynamic binarization
+    again = epoch_inputs()
+    assert torch.equal(again[0], b1) and torch.equal(again[1], b2)  # seeded
+
+
+def test_the_kl_warm_up_weights_the_kl_from_0_to_beta_and_the_elbo_stays_unweighted(tmp_path):
+    """train.warmup_epochs: the KL weight of epoch e is beta * min(1, e / warmup_epochs), the
+    trained objective -(recon - weight KL) differs from the -ELBO by (1 - weight) KL, and the
+    validation figures stay the unweighted -ELBO."""
+    trainer = _trainer(TINY, epochs=6, batch_size=16, beta=0.8, warmup_epochs=4)
+    with torch.no_grad():  # posterior means of 2: a KL of about 4 nats, visible in the loss
+        trainer.model.encoder.head.bias[: TINY.latent_dim] = 2.0
+    steps, loss_fn = [], trainer.loss_fn
+
+    def recording_loss(model, x, eps, beta, objective):
+        with torch.no_grad():  # the KL this step's loss weighs, from the same noise
+            steps.append((beta, len(x), model.elbo_terms(x, eps).kl.double().sum().item()))
+        return loss_fn(model, x, eps, beta, objective)
+
+    trainer.loss_fn = recording_loss
+    history = trainer.fit(_images(64, 0), _images(16, 1), tmp_path).history
+    weights = [m["beta"] for m in history]
+    assert weights == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 0.8])  # then beta, not 1
+    assert [w for w, _, _ in steps] == [w for w in weights for _ in range(4)]  # 4 steps each
+    for epoch, m in enumerate(history):
+        epoch_steps = steps[4 * epoch : 4 * epoch + 4]
+        kl = sum(k for _, _, k in epoch_steps) / sum(n for _, n, _ in epoch_steps)
+        assert kl > 1.0
+        gap = m["train_neg_elbo"] - m["train_loss"]
+        assert gap == pytest.approx((1 - weights[epoch]) * kl, rel=1e-4, abs=1e-3), epoch
+        assert m["val_neg_elbo"] == pytest.approx(m["val_recon"] + m["val_kl"], rel=1e-6)
 
 
 def test_the_seed_alone_fixes_the_initial_weights(tmp_path):
@@ -203,11 +232,6 @@ def test_the_seed_alone_fixes_the_initial_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     c = build_vae(SMALL, seed=8).state_dict()
     assert not all(torch.equal(a[k], c[k]) for k in a)
-
-    from types import SimpleNamespace
-
-    from vae_core.training import run_training
-
     splits = SimpleNamespace(train_images=_images(64, 0), val_images=_images(16, 1))
     outs = []
     for global_seed in (3, 4):
@@ -218,105 +242,40 @@ def test_the_seed_alone_fixes_the_initial_weights(tmp_path):
     assert all(torch.equal(outs[0][k], a[k]) for k in a)
 
 
-def test_a_fresh_start_never_brings_back_an_earlier_runs_best_weights(tmp_path):
-    earlier = Trainer(build_vae(SMALL, seed=0), _config(epochs=2), progress=False)
-    earlier.fit(_images(128, 0), _images(32, 1), tmp_path)
-    assert (tmp_path / "best.pt").is_file()
-    fresh_model = build_vae(SMALL, seed=5)
-    initial = {k: v.clone() for k, v in fresh_model.state_dict().items()}
-    fresh = Trainer(fresh_model, _config(epochs=0), progress=False)
-    fresh.fit(_images(128, 0), _images(32, 1), tmp_path, resume=False)
-    assert all(torch.equal(fresh.model.state_dict()[k], v) for k, v in initial.items())
-    assert not (tmp_path / "best.pt").exists()
-
-
-def test_the_best_epochs_weights_are_the_ones_kept(tmp_path):
-    from vae_core.objectives import dataset_elbo
-    from vae_core.training import EVAL_BATCH_SIZE
-
-    trainer = Trainer(build_vae(SMALL, seed=0), _config(epochs=4, lr=3e-3), progress=False)
-    val = _images(64, 1)
-    result = trainer.fit(_images(256, 0), val, tmp_path)
-    best = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
-    assert all(torch.equal(trainer.model.state_dict()[k].cpu(), v) for k, v in best.items())
-    # Scored again on the same fixed validation bits and noise: the figure the best epoch had.
-    again = dataset_elbo(
-        trainer.model,
-        trainer._fixed_validation_set(val),
-        EVAL_BATCH_SIZE,
-        trainer._eval_generator(),
-    )
-    assert float(-again.elbo.mean()) == pytest.approx(result.best_val_neg_elbo, rel=1e-6)
-    assert result.history[result.best_epoch - 1]["val_neg_elbo"] == result.best_val_neg_elbo
-
-
-def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
-    from vae_core.training.trainer import CheckpointMismatchError
-
-    first = Trainer(build_vae(SMALL, seed=0), _config(epochs=1), progress=False)
-    first.fit(_images(128, 0), _images(32, 1), tmp_path)
-    other_lr = Trainer(build_vae(SMALL, seed=0), _config(epochs=2, lr=3e-3), progress=False)
-    with pytest.raises(
-        CheckpointMismatchError, match=r"last.pt: .*train.lr: checkpoint 0.002, now 0.003"
-    ):
-        other_lr.fit(_images(128, 0), _images(32, 1), tmp_path)
-    # More epochs (and a new patience) is what resuming is for: allowed.
-    more = Trainer(build_vae(SMALL, seed=0), _config(epochs=2, patience=3), progress=False)
-    result = more.fit(_images(128, 0), _images(32, 1), tmp_path)
-    assert result.resumed_from_epoch == 1 and result.epochs_completed == 2
-
-
-class _Clock:
-    """A clock that advances `step` seconds per epoch (the trainer reads it twice per epoch),
-    so the time budget is tested without depending on the machine's speed."""
-
-    def __init__(self, step: float):
-        self.now, self.step, self.reads = 0.0, step, 0
-
-    def __call__(self) -> float:
-        self.reads += 1
-        if self.reads % 2 == 0:
-            self.now += self.step
-        return self.now
+def _clocked(seconds_per_epoch: float, **overrides) -> Trainer:
+    """A trainer whose clock advances `seconds_per_epoch` per epoch (it reads the clock twice
+    per epoch): the time budget is tested without depending on the machine's speed."""
+    trainer = _trainer(lr=1e-3, lr_schedule="exponential", lr_final=0.1, **overrides)
+    trainer.clock = partial(next, (seconds_per_epoch * (k // 2) for k in count(1)))
+    return trainer
 
 
 def test_a_time_budget_ends_the_exponential_schedule_at_its_final_rate(tmp_path):
     # 100 epochs planned, a 1-minute budget, 20 s per epoch: the budget stops the run after 3
     # epochs, and the decay follows the budget (the share spent by each epoch's end, 0, 2/3
     # and 1) instead of the 100 epochs, so the last epoch runs at lr * lr_final.
-    cfg = _config(epochs=100, lr=1e-3, lr_schedule="exponential", lr_final=0.1, max_minutes=1.0)
-    trainer = Trainer(build_vae(SMALL, seed=0), cfg, progress=False)
-    trainer.clock = _Clock(20.0)
+    trainer = _clocked(20.0, epochs=100, max_minutes=1.0)
     result = trainer.fit(_images(64, 0), _images(16, 1), tmp_path / "straight")
-    assert result.stopped_by_time and result.epochs_completed == 3
+    # Stopped by the epoch that spent the budget, not by early stopping.
+    assert result.stopped_by_time and not result.stopped_early and result.epochs_completed == 3
     rates = [m["lr"] for m in result.history]
     assert rates == pytest.approx([1e-3, 1e-3 * 0.1 ** (2 / 3), 1e-4])
-
     # Interrupted after epoch 2 and resumed: the checkpoint carries the time spent, so the
     # resumed run takes the same rates and stops at the same epoch.
-    def stop_after_second_epoch(metrics):
-        if metrics["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    first = Trainer(build_vae(SMALL, seed=0), cfg, progress=False)
-    first.clock = _Clock(20.0)
     with pytest.raises(KeyboardInterrupt):
-        first.fit(_images(64, 0), _images(16, 1), tmp_path / "resumed", [stop_after_second_epoch])
-    second = Trainer(build_vae(SMALL, seed=0), cfg, progress=False)
-    second.clock = _Clock(20.0)
-    resumed = second.fit(_images(64, 0), _images(16, 1), tmp_path / "resumed")
+        _clocked(20.0, epochs=100, max_minutes=1.0).fit(
+            _images(64, 0), _images(16, 1), tmp_path / "resumed", [_stop_after(2)]
+        )
+    resumed = _clocked(20.0, epochs=100, max_minutes=1.0).fit(
+        _images(64, 0), _images(16, 1), tmp_path / "resumed"
+    )
     assert resumed.resumed_from_epoch == 2 and resumed.epochs_completed == 3
     assert [m["lr"] for m in resumed.history] == pytest.approx(rates)
-
     # A fresh start on the same trainer starts with the whole budget again.
     again = trainer.fit(_images(64, 0), _images(16, 1), tmp_path / "again")
     assert [m["lr"] for m in again.history] == pytest.approx(rates)
-
-
-def test_without_a_time_budget_the_schedule_follows_the_epochs(tmp_path):
-    cfg = _config(epochs=3, lr=1e-3, lr_schedule="exponential", lr_final=0.1)
-    trainer = Trainer(build_vae(SMALL, seed=0), cfg, progress=False)
-    trainer.clock = _Clock(1000.0)  # slow epochs change nothing without max_minutes
-    result = trainer.fit(_images(64, 0), _images(16, 1), tmp_path)
-    assert not result.stopped_by_time
-    assert [m["lr"] for m in result.history] == pytest.approx([1e-3, 1e-3 * 0.1**0.5, 1e-4])
+    # Without a budget, slow epochs change nothing: the rate follows the epochs.
+    result = _clocked(1000.0, epochs=4).fit(_images(64, 0), _images(16, 1), tmp_path / "free")
+    assert not result.stopped_by_time and result.epochs_completed == 4
+    rates = [m["lr"] for m in result.history]
+    assert rates == pytest.approx([1e-3 * 0.1 ** (e / 3) for e in range(4)])

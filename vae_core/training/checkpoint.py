@@ -36,8 +36,15 @@ class UnsafeWeightsError(ModelFileError):
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint saved by the trainer, without unpickling code."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Load a checkpoint saved by the trainer, without unpickling code; a file that is not
+    weights-only is refused with an error naming it."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise UnsafeWeightsError(
+            f"{path}: not a weights-only checkpoint (refused to unpickle it): {exc}"
+        ) from exc
 
 
 def save_model(model: torch.nn.Module, config: dict, out_dir: Path) -> Path:

@@ -15,16 +15,17 @@ from pathlib import Path
 
 import torch
 
-from vae_core.atomic import atomic_torch_save
+from vae_core.atomic import atomic_torch_save, remove_stale_temporaries
 from vae_core.config import TrainConfig
 from vae_core.errors import VaeError
-from vae_core.evaluation.likelihood import iwae_log_likelihood
+from vae_core.estimators import iwae_log_likelihood
 from vae_core.models.vae import VAE
 from vae_core.objectives import beta_at, dataset_elbo, draw_noise, training_loss
 from vae_core.training.checkpoint import (
     BEST_WEIGHTS_NAME,
     CHECKPOINT_NAME,
     load_checkpoint,
+    read_state_dict,
 )
 from vae_core.training.device import pick_device
 from vae_core.training.progress import ProgressBar
@@ -184,6 +185,9 @@ class Trainer:
         since_best = 0
         start_epoch = 0
         ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+        if ckpt_path is not None:  # a write cut short by a killed run (last.pt is still whole)
+            for name in (CHECKPOINT_NAME, BEST_WEIGHTS_NAME):
+                remove_stale_temporaries(Path(checkpoint_dir) / name)
         if ckpt_path is not None and resume and ckpt_path.is_file():
             state = load_checkpoint(ckpt_path)
             self._check_same_run(state, ckpt_path)
@@ -343,7 +347,5 @@ class Trainer:
     def _load_best(self, checkpoint_dir: Path | None) -> None:
         best = Path(checkpoint_dir) / BEST_WEIGHTS_NAME if checkpoint_dir else None
         if best is not None and best.is_file():
-            self.model.load_state_dict(
-                torch.load(best, map_location=self.device, weights_only=True)
-            )
+            self.model.load_state_dict(read_state_dict(best))
         self.model.eval()
