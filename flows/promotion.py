@@ -240,14 +240,31 @@ def apply_gate(
 
 
 def score_champion(
-    model_uri: str, x: torch.Tensor, indices: np.ndarray, challenger_config: dict, k: int, seed: int
+    model_uri: str,
+    x: torch.Tensor,
+    indices: np.ndarray,
+    challenger_config: dict,
+    k: int,
+    seed: int,
+    device: str = "cpu",
 ) -> np.ndarray:
     """Per-example IWAE NLL (nats) of a registered model on the given test examples, with the
-    importance samples seeded by the examples' indices (as evaluation seeds them)."""
+    importance samples seeded by the examples' indices (as evaluation seeds them) on `device`:
+    the one the challenger was evaluated on, since a CPU and a CUDA generator draw different
+    samples from one seed and the pairs would no longer share them."""
+    import torch
+
     from flows.model_io import load_vae_with_config
     from vae_core.evaluation.likelihood import iwae_log_likelihood
 
+    where = torch.device(device)
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise GateError(
+            f"the challenger was evaluated on {device}, which this machine lacks: the champion "
+            "must be scored there with the same importance samples (run the gate on that machine)"
+        )
     model, config = load_vae_with_config(model_uri)
+    model, x = model.to(where), x.to(where)
     for key in ("likelihood", "data_variant"):
         a, b = challenger_config.get(key), config.get(key)
         if a is not None and b is not None and a != b:
@@ -296,6 +313,7 @@ def decide(
             challenger_config,
             params.evaluate.iwae_k,
             params.evaluate.seed,
+            device=metrics.get("device", "cpu"),
         )
     decision = evaluate_gate(challenger_nll, champion_nll, params.promote, params.evaluate.seed)
     return {"decision": decision, "champion": champion}

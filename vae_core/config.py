@@ -264,6 +264,9 @@ class TrainConfig(Section):
     seed: int = setting(0, integer(0))
     device: str = setting("auto", DEVICE)
     compile: bool = setting(False, BOOLEAN)
+    # write the resume checkpoint at most this often, in seconds of training (0 = after every
+    # epoch; the last epoch is always written): a GPU epoch of the MLP is well under a second
+    checkpoint_every_s: float = setting(0.0, number(0.0))
 
 
 @dataclass(frozen=True)

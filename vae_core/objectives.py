@@ -37,7 +37,7 @@ def draw_noise(
 
 
 def _log_mean_weight(
-    log_px_z: torch.Tensor, log_prior_minus_q: torch.Tensor, beta: float = 1.0
+    log_px_z: torch.Tensor, log_prior_minus_q: torch.Tensor, beta: float | torch.Tensor = 1.0
 ) -> torch.Tensor:
     """log (1/k) sum_i w_i over the last dimension, log w_i = log p(x|z_i) + beta (log p(z_i)
     - log q(z_i|x)). beta = 1 is Burda's bound; below 1 it is the warm-up's tempered version,
@@ -66,19 +66,22 @@ def training_loss(
     model: nn.Module,
     x: torch.Tensor,
     eps: torch.Tensor,
-    beta: float = 1.0,
+    beta: float | torch.Tensor = 1.0,
     objective: str = "elbo",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch mean of the negated objective, and each example's unweighted bound (nats).
 
     ``elbo``: eps is (B, noise_dim), one sample, -(log p(x|z) - beta KL). ``iwae``: eps is
     (B, k, noise_dim), the importance-weighted bound with k samples (k=1 is the ELBO without
-    the analytic KL).
+    the analytic KL). The trainer passes beta as a 0-dim tensor: a compiled loss then serves
+    every KL weight of a warm-up with one graph (a Python float is guarded on, and 0 and 1
+    are specialised).
     """
     if objective == "iwae":
         log_px_z, log_prior_minus_q = model.log_weight_terms(x, eps)
         tempered = _log_mean_weight(log_px_z, log_prior_minus_q, beta)
-        bound = tempered if beta == 1.0 else _log_mean_weight(log_px_z, log_prior_minus_q)
+        untempered = isinstance(beta, float | int) and beta == 1.0
+        bound = tempered if untempered else _log_mean_weight(log_px_z, log_prior_minus_q)
         return -tempered.mean(), bound.detach()
     terms = model.elbo_terms(x, eps)
     loss = -(terms.log_px_z - beta * terms.kl).mean()

@@ -30,7 +30,7 @@ from flows import alias_log, model_io, registry
 from flows.alias_log import history_table, read_history, registry_lock
 from flows.model_io import load_vae, load_vae_with_config, log_vae
 from flows.params import PromoteConfig
-from flows.promotion import apply_gate, evaluate_gate, score_champion
+from flows.promotion import GateError, apply_gate, evaluate_gate, score_champion
 from flows.registry import promote_version, register_version, rollback
 from vae_core.evaluation.likelihood import iwae_log_likelihood
 from vae_core.models import VAEConfig, build_vae
@@ -212,6 +212,11 @@ def test_the_gate_keeps_out_what_misses_the_floor_and_promotes_a_better_one(back
         ("gate promote", "previous-champion", None, v2),
     ]
     assert history[-1]["figures"]["n"] == len(X)  # the gate's figures travel along
+    # The champion is scored where the challenger was evaluated (its importance samples come
+    # from that device's generator); a device this machine lacks is said, not swapped for the CPU.
+    if not torch.cuda.is_available():
+        with pytest.raises(GateError, match="evaluated on cuda:0, which this machine lacks"):
+            score_champion(f"models:/{name}/{v2}", X, np.arange(len(X)), {}, 4, 0, "cuda:0")
 
 
 def test_gate_rules_on_paired_figures():

@@ -2,6 +2,7 @@
 non-finite loss, the views of the data it feeds, the KL warm-up and the learning-rate schedule
 (with an injected clock for the time budget)."""
 
+import shutil
 from functools import partial
 from itertools import count
 from types import SimpleNamespace
@@ -106,7 +107,8 @@ def test_a_non_finite_training_or_validation_loss_stops_before_the_step_or_save(
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 1"):
         trainer.fit(_images(64, 0), _images(16, 1), tmp_path)
-    assert not trainer.optimizer.state  # no Adam step was taken
+    # No Adam step was applied (fused Adam skipped each one on the device).
+    assert all(int(s["step"]) == 0 for s in trainer.optimizer.state.values())
     for name, tensor in trainer.model.state_dict().items():
         assert torch.equal(tensor, before[name]) or torch.isnan(tensor).all(), name
     assert not (tmp_path / "last.pt").exists()
@@ -279,3 +281,75 @@ def test_a_time_budget_ends_the_exponential_schedule_at_its_final_rate(tmp_path)
     assert not result.stopped_by_time and result.epochs_completed == 4
     rates = [m["lr"] for m in result.history]
     assert rates == pytest.approx([1e-3 * 0.1 ** (e / 3) for e in range(4)])
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts what makes the host wait for the device: a tensor read as a Python value."""
+
+    READS = {"__bool__", "__float__", "__int__", "__index__", "item", "tolist"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_epoch_waits_on_the_device_a_fixed_number_of_times_however_many_steps():
+    # A per-step `if not torch.isfinite(loss)` made a GPU step wait for the one before it.
+    reads = []
+    for batch_size in (128, 16):  # 2 steps, then 16
+        trainer = _trainer(batch_size=batch_size)
+        x = to_unit_float(_images(256, 0))
+        with _HostReads() as mode:
+            trainer.train_epoch(x, epoch=0, beta=1.0)
+        reads.append(mode.count)
+    assert reads[0] == reads[1] <= 4, reads
+
+
+def test_a_checkpoint_from_another_kind_of_device_resumes_with_a_reseeded_noise_stream(tmp_path):
+    # A CUDA generator's state is 16 bytes, a CPU one's 5,056: set_state refused the other's.
+    train, val, folder = _images(128, 0), _images(32, 1), tmp_path / "moved"
+    with pytest.raises(KeyboardInterrupt):
+        _trainer().fit(train, val, folder, [_stop_after(1)])
+    state = load_checkpoint(folder / "last.pt")
+    state["noise_rng"] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA generator writes it
+    torch.save(state, folder / "last.pt")
+    weights = []
+    for copy in ("a", "b"):
+        shutil.copytree(folder, tmp_path / copy)
+        trainer = _trainer()
+        result = trainer.fit(train, val, tmp_path / copy)
+        assert result.resumed_from_epoch == 1 and result.epochs_completed == 3
+        assert result.noise_reseeded
+        weights.append(trainer.model.state_dict())
+    for name, tensor in weights[0].items():  # reseeded from the epoch: reproducible
+        assert torch.equal(tensor, weights[1][name]), name
+    assert not _trainer().fit(train, val, tmp_path / "fresh").noise_reseeded
+
+
+def test_checkpoint_every_s_writes_less_often_and_the_last_epoch_always(tmp_path):
+    train, val = _images(128, 0), _images(32, 1)
+    clock = count(step=10.0)  # every reading 10 s later: an epoch "takes" 10 s
+    sparse = _trainer(epochs=4, checkpoint_every_s=25.0)
+    sparse.clock = partial(next, clock)
+    written = []
+    sparse.fit(train, val, tmp_path / "sparse", [lambda m: written.append(_saved(tmp_path))])
+    # Epochs end at 10, 20, 30 and 40 s of training: a checkpoint after the third (30 - 0 >=
+    # 25), none after the fourth (40 - 30 < 25) until training ends, then the fourth.
+    assert written == [None, None, 3, 3]
+    assert _saved(tmp_path) == 4
+    dense = _trainer(epochs=4)
+    dense.fit(train, val, tmp_path / "dense")
+    for name in ("last.pt", "best.pt"):  # the same files as after every epoch
+        a, b = (torch.load(tmp_path / d / name, weights_only=True) for d in ("sparse", "dense"))
+        a, b = (s["model"] if name == "last.pt" else s for s in (a, b))
+        for key, tensor in a.items():
+            assert torch.equal(tensor, b[key]), (name, key)
+
+
+def _saved(tmp_path) -> int | None:
+    path = tmp_path / "sparse" / "last.pt"
+    return load_checkpoint(path)["epoch"] if path.is_file() else None

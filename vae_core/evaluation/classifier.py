@@ -12,11 +12,13 @@ comparable between runs that used the same classifier.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -159,10 +161,35 @@ def train_classifier(
             f"epochs={epochs}, batch_size={batch_size}, lr={lr}"
         )
     dev = pick_device(str(device)) if not isinstance(device, torch.device) else device
+    with deterministic_cudnn(dev.type == "cuda"):
+        return _fit(splits, epochs, batch_size, lr, seed, dev, config, progress)
+
+
+@contextlib.contextmanager
+def deterministic_cudnn(enabled: bool) -> Iterator[None]:
+    """cuDNN's deterministic kernels while the classifier trains, and the process's own
+    settings back afterwards: the flags are global, and the VAE's convolutions (benchmark
+    mode, say) must not inherit them."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    if enabled:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def _fit(
+    splits: DatasetSplits,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    dev: torch.device,
+    config: ClassifierConfig | None,
+    progress: bool,
+) -> tuple[MnistClassifier, dict]:
     torch.manual_seed(seed)
-    if dev.type == "cuda":
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
     # channels_last lets oneDNN (CPU) and cuDNN pick their fastest convolution kernels.
     model = MnistClassifier(config).to(dev, memory_format=torch.channels_last)
     x = as_images(splits.train_images).to(dev)

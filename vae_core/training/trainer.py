@@ -37,7 +37,7 @@ EVAL_BATCH_SIZE = 10_000
 
 
 #: Settings that may differ between a checkpoint and the run that resumes it.
-RESUME_MAY_CHANGE = ("epochs", "patience", "max_minutes", "device", "compile")
+RESUME_MAY_CHANGE = ("epochs", "patience", "max_minutes", "device", "compile", "checkpoint_every_s")
 
 
 class CheckpointMismatchError(VaeError, ValueError):
@@ -61,12 +61,16 @@ class TrainResult:
     stopped_early: bool = False  # by early stopping on the validation split
     stopped_by_time: bool = False  # by train.max_minutes
     resumed_from_epoch: int = 0
+    # Resumed on another kind of device (CPU <-> CUDA): the noise stream restarted from a seed
+    # of the epoch, so the run is reproducible but not the same as one without the move.
+    noise_reseeded: bool = False
     train_samples_per_second: float = 0.0
     device: str = "cpu"
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) or (N, 1, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]."""
+    """uint8 (N, 28, 28) or (N, 1, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1], on the device
+    the images are on (move uint8 images first: a quarter of the bytes of float32)."""
     if images.dtype == torch.uint8:
         images = images.float() / 255.0
     return images.float().reshape(len(images), 1, 28, 28)
@@ -89,6 +93,9 @@ class Trainer:
         # images per second here for the default MLP at batch 128).
         fused = self.device.type in ("cuda", "cpu")
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=fused)
+        # Fused Adam skips a step on the device when told its loss was not finite (what
+        # torch.amp.GradScaler uses), so the loop never waits on the device to check a loss.
+        self.skips_on_device = fused
         # Explicit generators make shuffling, binarization and eps resumable exactly.
         self.shuffle_gen = torch.Generator().manual_seed(config.seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
@@ -151,7 +158,12 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.shuffle_gen.set_state(state["shuffle_rng"])
-        self.noise_gen.set_state(state["noise_rng"].cpu())  # a CPU byte tensor, CUDA too
+        noise_state = state["noise_rng"].cpu()  # a CPU byte tensor, for a CUDA generator too
+        if noise_state.numel() == self.noise_gen.get_state().numel():
+            self.noise_gen.set_state(noise_state)
+        else:  # written on another kind of device, whose generator's state does not fit here
+            self.noise_gen.manual_seed(self.config.seed + 1 + int(state["epoch"]))
+            result.noise_reseeded = True
         result.history = list(state["history"])
         result.best_epoch = int(state["best_epoch"])
         result.best_val_neg_elbo = float(state["best_val_neg_elbo"])
@@ -178,7 +190,7 @@ class Trainer:
         """
         cfg = self.config
         callbacks = callbacks or []
-        train_x = to_unit_float(train_images).to(self.device)
+        train_x = to_unit_float(train_images.to(self.device))
         val_x = self._fixed_validation_set(val_images)
         result = TrainResult(device=str(self.device))
         self.budget_seconds = self.last_epoch_seconds = 0.0  # unless a checkpoint says more
@@ -200,6 +212,8 @@ class Trainer:
 
         n = len(train_x)
         seen, train_seconds = 0, 0.0
+        best_weights: dict[str, torch.Tensor] | None = None  # not yet written to best.pt
+        written_s, unsaved = self.budget_seconds, 0  # training time at the last checkpoint
         for epoch in range(start_epoch, cfg.epochs):
             if cfg.patience and since_best >= cfg.patience:
                 result.stopped_early = True
@@ -231,25 +245,43 @@ class Trainer:
                 result.best_val_neg_elbo = metrics["val_neg_elbo"]
                 result.best_val_neg_iwae = metrics.get("val_neg_iwae")
                 if checkpoint_dir:
-                    atomic_torch_save(
-                        self.model.state_dict(), Path(checkpoint_dir) / BEST_WEIGHTS_NAME
-                    )
+                    best_weights = {
+                        k: v.detach().clone() for k, v in self.model.state_dict().items()
+                    }
             else:
                 since_best += 1
-            if ckpt_path is not None:
-                atomic_torch_save(self._state(epoch + 1, result, since_best), ckpt_path)
+            unsaved = epoch + 1
+            if ckpt_path is not None and self.budget_seconds - written_s >= cfg.checkpoint_every_s:
+                self._save(ckpt_path, best_weights, unsaved, result, since_best)
+                best_weights, written_s, unsaved = None, self.budget_seconds, 0
             for callback in callbacks:
                 callback(metrics)
             if cfg.max_minutes and self.budget_seconds >= 60.0 * cfg.max_minutes:
                 result.stopped_by_time = epoch + 1 < cfg.epochs
                 break
 
+        if ckpt_path is not None and unsaved:  # epochs since the last checkpoint (every_s > 0)
+            self._save(ckpt_path, best_weights, unsaved, result, since_best)
         result.epochs_completed = len(result.history)
         if cfg.patience and since_best >= cfg.patience and result.epochs_completed < cfg.epochs:
             result.stopped_early = True
         result.train_samples_per_second = seen / train_seconds if train_seconds else 0.0
         self._load_best(checkpoint_dir)
         return result
+
+    def _save(
+        self,
+        ckpt_path: Path,
+        best_weights: dict[str, torch.Tensor] | None,
+        epoch: int,
+        result: TrainResult,
+        since_best: int,
+    ) -> None:
+        """The best weights found since the last checkpoint, then the resume checkpoint: a
+        kill between the two leaves best.pt newer than last.pt, which resuming recomputes."""
+        if best_weights is not None:
+            atomic_torch_save(best_weights, ckpt_path.parent / BEST_WEIGHTS_NAME)
+        atomic_torch_save(self._state(epoch, result, since_best), ckpt_path)
 
     def budget_spent_by_end_of_epoch(self) -> float:
         """The share of train.max_minutes spent once the coming epoch ends, if it takes as
@@ -273,27 +305,48 @@ class Trainer:
             epoch_x = train_x
         steps = math.ceil(n / cfg.batch_size)
         bar = ProgressBar(steps, f"epoch {epoch + 1}/{cfg.epochs}", enabled=self.progress)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        # Each step's loss stays on the device until the epoch ends: one wait per epoch.
+        losses = torch.empty(steps, device=self.device, dtype=torch.float32)
         neg_elbo_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        # A tensor, not a float: one compiled graph for every KL weight of a warm-up.
+        beta_t = torch.tensor(beta, dtype=torch.float32, device=self.device)
         for step in range(steps):
             x = epoch_x[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
             eps = self._noise(len(x))
+            # The shorter last batch runs eager: a compiled graph for its shape would cost
+            # another compilation (20-60 s on CUDA) for one step an epoch.
+            loss_fn = training_loss if cfg.compile and len(x) < cfg.batch_size else self.loss_fn
             with self._autocast():
-                loss, bound = self.loss_fn(self.model, x, eps, beta, cfg.objective)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                    "stopped before applying that step (try a lower train.lr)"
-                )
+                loss, bound = loss_fn(self.model, x, eps, beta_t, cfg.objective)
+            non_finite = ~torch.isfinite(loss.detach())
+            if not self.skips_on_device and non_finite:  # waits on the device (mps only)
+                self._raise_non_finite(loss.detach().reshape(1), epoch, first_step=step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.skips_on_device:
+                self.optimizer.found_inf = non_finite.float()  # 1: the step is not applied
             self.optimizer.step()
-            loss_sum += loss.detach() * len(x)
+            losses[step] = loss.detach()
             neg_elbo_sum += -bound.sum()
             bar.update(step + 1)
-        train_loss = float(loss_sum) / n
+        if not bool(torch.isfinite(losses).all()):
+            self._raise_non_finite(losses, epoch)
+        sizes = torch.full((steps,), cfg.batch_size, dtype=torch.float64, device=self.device)
+        sizes[-1] = n - (steps - 1) * cfg.batch_size
+        train_loss = float((losses.double() * sizes).sum()) / n
         bar.close(f"loss {train_loss:.2f}")
         return train_loss, float(neg_elbo_sum) / n
+
+    @staticmethod
+    def _raise_non_finite(losses: torch.Tensor, epoch: int, first_step: int = 0) -> None:
+        """The first non-finite loss of `losses` (the losses from step `first_step` on)."""
+        i = int((~torch.isfinite(losses)).nonzero()[0])
+        raise NonFiniteLossError(
+            f"training loss became {float(losses[i])} at epoch {epoch + 1}, step "
+            f"{first_step + i + 1}; "
+            "no step with a non-finite loss was applied, and the epoch was not saved (try a "
+            "lower train.lr)"
+        )
 
     def _validate(self, val_x: torch.Tensor, epoch: int) -> dict[str, float]:
         """The validation figures of one epoch, with fixed noise: the -ELBO and its two terms,
@@ -330,7 +383,7 @@ class Trainer:
         return draw_noise(self.model, batch, 1, self.device, self.noise_gen).squeeze(1)
 
     def _fixed_validation_set(self, val_images: torch.Tensor) -> torch.Tensor:
-        val_x = to_unit_float(val_images).to(self.device)
+        val_x = to_unit_float(val_images.to(self.device))
         if self.config.data_variant == "binarized":
             gen = torch.Generator(device=self.device).manual_seed(self.config.seed + 2)
             val_x = torch.bernoulli(val_x, generator=gen)
