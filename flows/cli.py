@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from experiments import cli as experiments_cli
 from flows.params import DEFAULT_PATH, add_override_argument, load_params
 from vae_core.errors import VaeError
 
@@ -58,32 +59,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     text = json.dumps(metrics, indent=2) + "\n"
     atomic_write_text(Path(args.out) / "metrics.json", text)
     print(text, end="")
-    return 0
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark the trainer against the design document's loop")
-    p.add_argument("--mnist-dir", type=Path, required=True, help="folder with the 4 IDX .gz files")
-    p.add_argument("--reference-epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128, help="the project's batch size")
-    p.add_argument("--max-epochs", type=int, default=30)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true")
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from flows.bench import run_bench
-
-    figures = run_bench(
-        args.mnist_dir,
-        args.reference_epochs,
-        args.batch_size,
-        args.max_epochs,
-        args.device,
-        args.compile,
-    )
-    for name, value in figures.items():
-        print(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}")
     return 0
 
 
@@ -326,76 +301,24 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
-    from flows.reproduce import BURDA_EPOCHS, ROWS  # standard library only, like vae_core.config
-
-    p = sub.add_parser(
-        "reproduce",
-        help="reproduce rows of Burda et al. 2015, Table 1 within a time budget",
-        description="Dynamically binarized MNIST, test NLL by IWAE with k=5000 on all 10,000 "
-        "test images. Each row's cost is measured first, then the rows that fit the budget "
-        "(the whole command's wall time) are trained, each as one MLflow run in the experiment "
-        "vae-reproduce; prints a Markdown table beside the paper's figures and `name value` "
-        "lines. Rows, in priority order: " + ", ".join(r.name for r in ROWS) + ".",
-    )
-    p.add_argument("--mnist-dir", type=Path, required=True, help="folder with the 4 IDX .gz files")
-    p.add_argument("--budget-minutes", type=float, default=60.0, help="wall time of it all")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--rows", default=None, help="comma-separated, in priority order (default all)")
-    p.add_argument(
-        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db"
-    )
-    p.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="table and models")
-    p.add_argument(
-        "--max-epochs", type=int, default=BURDA_EPOCHS, help="per row (default: Burda's 3,280)"
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="CPU threads for torch (default: torch's choice; 1 is often faster on a CPU that "
-        "other jobs share)",
-    )
-    # For tests and smoke runs only: a cheaper estimator than the paper's (the table says which).
-    p.add_argument("--test-k", type=int, default=5000, help=argparse.SUPPRESS)
-    p.add_argument("--test-size", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--val-size", type=int, default=1000, help=argparse.SUPPRESS)
+    experiments_cli.add_reproduce(sub, tracking_default="$MLFLOW_TRACKING_URI or ./mlflow.db")
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    """Print the table and the figures; exit 1 when no row could run."""
+    """experiments' reproduce, logging to $MLFLOW_TRACKING_URI or ./mlflow.db by default."""
     import time
 
     started = time.monotonic()  # the budget counts from here, imports included
     _quiet_prefect_defaults()
-    from flows.reproduce import reproduce, select_rows
+    from flows.tracking import resolve_uri
 
-    rows = select_rows(args.rows)
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    outcome = reproduce(
-        args.mnist_dir,
-        budget_minutes=args.budget_minutes,
-        rows=rows,
-        device=args.device,
-        tracking_uri=args.tracking_uri,
-        out_dir=args.out,
-        test_k=args.test_k,
-        test_size=args.test_size,
-        val_size=args.val_size,
-        max_epochs=args.max_epochs,
-        started=started,
-    )
-    print(outcome.table)
-    for name, value in outcome.figures.items():
-        print(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}")
-    return 0 if any(r.status == "ran" for r in outcome.results) else 1
+    args.tracking_uri = args.tracking_uri or resolve_uri(Path.cwd())
+    return experiments_cli.run_reproduce(args, started)
 
 
 COMMANDS = {
     "train": (_add_train, _cmd_train),
-    "bench": (_add_bench, _cmd_bench),
+    "bench": (experiments_cli.add_bench, experiments_cli.run_bench),
     "run": (_add_run, _cmd_run),
     "sample": (_add_sample, _cmd_sample),
     "promote": (_add_promote, _cmd_promote),
@@ -408,26 +331,19 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vae-pipeline", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add, _ in COMMANDS.values():
-        if add is not None:
-            add(sub)
-    return parser
+    return experiments_cli.build_parser("vae-pipeline", __doc__, COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command][1](args)
-    except Exception as exc:
-        # The project's own errors, and a tracking server's, say what to fix in one line;
-        # anything else keeps its traceback.
-        known = exc if isinstance(exc, VaeError) else _tracking_server_error(exc)
-        if known is None:
-            raise
-        print(f"error: {known}", file=sys.stderr)
-        return 2
+    # The project's own errors, and a tracking server's, say what to fix in one line; anything
+    # else keeps its traceback.
+    return experiments_cli.main(
+        argv, parser=build_parser(), commands=COMMANDS, known_error=_known_error
+    )
+
+
+def _known_error(exc: Exception) -> VaeError | None:
+    return exc if isinstance(exc, VaeError) else _tracking_server_error(exc)
 
 
 def _tracking_server_error(exc: Exception) -> VaeError | None:

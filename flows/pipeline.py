@@ -25,6 +25,7 @@ from flows import dvc_runner, run_record, tracking, workspace
 from flows.lineage import data_lineage
 from flows.params import Params, load_params
 from flows.recovery import settle_dead_run
+from vae_core import figure_names
 
 
 @task(**dvc_runner.FETCH_RETRY)
@@ -113,7 +114,7 @@ def train_model(workdir: str, params: Params, run_id: str, tracking_uri: str) ->
         every=tracking.ImageLogger.interval(epochs),
         seed=t.seed,
     )
-    epoch_logger = tracking.EpochLogger(client, run_id, run_record.repeated_epoch_keys(t))
+    epoch_logger = tracking.EpochLogger(client, run_id, figure_names.repeated_epoch_keys(t))
     images.log(0)  # the initial weights: MLflow's image cards open on step 0
     out_dir = workspace.run_dir(root, run_id) / "train"
     # The run is active while training, so MLflow samples system metrics meanwhile.
@@ -132,9 +133,9 @@ def train_model(workdir: str, params: Params, run_id: str, tracking_uri: str) ->
     images.log(int(outcome.metrics["best_epoch"]))  # the weights kept: the best epoch's
     if outcome.history:
         client.log_figure(run_id, tracking.loss_curve(outcome.history), "loss_curve.png")
-    figures = run_record.training_figures(outcome.metrics)
+    figures = figure_names.training_figures(outcome.metrics)
     tracking.log_figures(client, run_id, figures, model_id=info.model_id)
-    for key, value in run_record.stop_tags(outcome.metrics).items():
+    for key, value in figure_names.stop_tags(outcome.metrics).items():
         client.set_tag(run_id, key, value)
     return {
         "model_dir": str(out_dir / "model"),

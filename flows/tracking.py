@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -21,6 +20,13 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+# The MLflow helpers that need no orchestration live in experiments.tracking (MLflow optional
+# there, so the experiments run on a bare GPU machine); the flows use them through this module.
+from experiments.tracking import ENV_URI, TrackingUnavailable, git_state, log_figures
+from experiments.tracking import EpochLogger as EpochLogger
+from experiments.tracking import ensure_experiment as ensure_experiment
+from experiments.tracking import ensure_reachable as ensure_reachable
+from experiments.tracking import log_params as log_params
 from flows import run_record
 from flows.lineage import model_code_hash
 from vae_core.errors import VaeError
@@ -33,21 +39,10 @@ if TYPE_CHECKING:
     from flows.params import Params
 
 DEFAULT_DB = "mlflow.db"
-ARTIFACT_ROOT = "mlruns"
-
-
-ENV_URI = "MLFLOW_TRACKING_URI"
-# MLflow's UI opens an experiment by its kind; this one is model training, not GenAI.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
 # Training images: IMAGE_SAMPLES decoded fixed codes and IMAGE_RECONSTRUCTIONS validation
 # images, about IMAGE_STEPS times per run.
 IMAGE_SAMPLES, IMAGE_RECONSTRUCTIONS, IMAGE_STEPS = 64, 16, 20
 UI_URL_ENV, DEFAULT_UI_URL = "MLFLOW_UI_URL", "http://127.0.0.1:5000"
-
-
-class TrackingUnavailable(VaeError, RuntimeError):
-    """The MLflow tracking backend does not answer."""
 
 
 class PermissionRefused(VaeError, PermissionError):
@@ -159,18 +154,6 @@ def active_run(run_id: str, system_metrics: bool = False) -> Iterator[None]:
         mlflow.end_run(status="RUNNING")
 
 
-def ensure_reachable(client: MlflowClient) -> None:
-    """Fail fast, with the URI in the message, when the tracking backend does not answer."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.search_experiments(max_results=1)
-    except (MlflowException, OSError) as exc:
-        raise TrackingUnavailable(
-            f"MLflow tracking backend {client.tracking_uri} is unreachable: {exc}"
-        ) from exc
-
-
 def mark_failed(client: MlflowClient, run_id: str, exc: BaseException | str) -> None:
     """Record why a run failed, mark it FAILED, and delete any model version it registered,
     except one the gate already made champion (or previous champion): that version was fully
@@ -260,26 +243,6 @@ def run_scope(
         client.update_run(run_id, scope.end_status)
 
 
-def experiment_name(dataset: str) -> str:
-    return f"vae-{dataset}"
-
-
-def ensure_experiment(client: MlflowClient, dataset: str, workdir: Path) -> str:
-    """One experiment per dataset, marked as model training so the UI opens on its runs; with a
-    local backend its artifacts live under ./mlruns."""
-    name = experiment_name(dataset)
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older version
-            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        return found.experiment_id
-    local = client.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in client.tracking_uri
-    location = (Path(workdir).resolve() / ARTIFACT_ROOT).as_uri() if local else None
-    return client.create_experiment(
-        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-    )
-
-
 def ui_base(tracking_uri: str) -> str:
     """Where people open the MLflow UI: the tracking server itself (without credentials), or,
     for a local database, MLFLOW_UI_URL (default: the MLflow UI address the README starts)."""
@@ -310,18 +273,6 @@ def artifact_url(base: str, run_id: str, path: str) -> str:
     from urllib.parse import urlencode
 
     return f"{base}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id})}"
-
-
-def git_state(workdir: Path) -> dict[str, str]:
-    """The commit the code came from and whether the tree had uncommitted changes."""
-
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=workdir, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git.commit": commit, "git.dirty": str(bool(status)).lower()}
 
 
 def prefect_context() -> dict[str, str]:
@@ -366,31 +317,6 @@ def lineage_tags(params: Params, lineage: dict, workdir: Path, device: str) -> d
         "python.version": platform.python_version(),
         **prefect_context(),
     }
-
-
-def log_params(client: MlflowClient, run_id: str, flat_params: dict[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    params = [Param(k, str(v)[:6000]) for k, v in sorted(flat_params.items())]
-    for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i : i + 100])
-
-
-class EpochLogger:
-    """Trainer callback: each epoch's figures to MLflow (run_record's names, step = epoch).
-
-    `skip`: history keys not to log (run_record.repeated_epoch_keys)."""
-
-    def __init__(self, client: MlflowClient, run_id: str, skip: frozenset[str] = frozenset()):
-        self.client, self.run_id, self.skip = client, run_id, skip
-
-    def __call__(self, metrics: dict) -> None:
-        log_figures(
-            self.client,
-            self.run_id,
-            run_record.epoch_figures(metrics, self.skip),
-            step=int(metrics["epoch"]),
-        )
 
 
 class ImageLogger:
@@ -441,27 +367,6 @@ class ImageLogger:
         self.client.log_image(self.run_id, samples, key="samples", step=step)
         self.client.log_image(self.run_id, recon, key="reconstructions", step=step)
         self.logged.add(step)
-
-
-def log_figures(
-    client: MlflowClient,
-    run_id: str,
-    figures: Mapping[str, float],
-    step: int = 0,
-    *,
-    model_id: str | None = None,
-    dataset: Dataset | None = None,
-) -> None:
-    """Figures (already under their MLflow names) as metrics, in one batch. With ``model_id``
-    they are the logged model's metrics too (MLflow 3: the experiment's Models tab and
-    `mlflow.search_logged_models`), measured on ``dataset`` when given."""
-    from mlflow.entities import Metric
-
-    stamp = int(time.time() * 1000)
-    on = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if dataset else {}
-    batch = [Metric(k, float(v), stamp, step, model_id=model_id, **on) for k, v in figures.items()]
-    for i in range(0, len(batch), 1000):
-        client.log_batch(run_id, metrics=batch[i : i + 1000])
 
 
 def set_description(client: MlflowClient, run_id: str, markdown: str) -> None:

@@ -23,7 +23,7 @@ quiet_environment()
 #: What a pipeline workspace needs from this repo: what a fresh clone has, minus the tests.
 WORKSPACE_FILES = (".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", "dvc.yaml")
 WORKSPACE_FILES += ("dvc.lock", "params.yaml", "prefect.yaml", "pyproject.toml")
-WORKSPACE_PACKAGES = ("flows", "vae_core")
+WORKSPACE_PACKAGES = ("experiments", "flows", "vae_core")
 
 #: The parameters of the prepared workspace: the smallest model, data stages and evaluation
 #: that still run every step of the pipeline. The data-stage keys are written before `dvc

@@ -26,8 +26,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import pytest
+
+# The synthetic IDX folders: the experiments' dry runs write the same ones.
+from experiments.tiny_mnist import write_idx_folder as write_idx_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
@@ -50,44 +52,6 @@ def quiet_environment() -> None:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def write_idx_folder(
-    folder: Path,
-    n_train: int = 120,
-    n_test: int = 40,
-    *,
-    seed: int = 0,
-    learnable: bool = False,
-    gz: bool = True,
-) -> dict[str, np.ndarray]:
-    """The four standard IDX files in ``folder``; returns the arrays written.
-
-    ``learnable=False``: uniform random grey levels (for tests of bytes and checks).
-    ``learnable=True``: a stand-in for MNIST a VAE can learn, noisy copies of ten random binary
-    templates, one per label (for tests that train and compare).
-    ``gz=False`` writes the uncompressed names."""
-    from vae_core.data.idx import write_idx
-    from vae_core.data.sources import RAW_FILES
-
-    rng = np.random.default_rng(seed)
-    labels = (np.arange(n_train + n_test) % 10).astype(np.uint8)
-    if learnable:
-        templates = rng.random((10, 28, 28)) < 0.15
-        flips = rng.random((len(labels), 28, 28)) < 0.05
-        images = ((templates[labels] ^ flips) * 255).astype(np.uint8)
-    else:
-        images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
-    arrays = {
-        "train_images": images[:n_train],
-        "train_labels": labels[:n_train],
-        "test_images": images[n_train:],
-        "test_labels": labels[n_train:],
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    for key, name in RAW_FILES.items():
-        write_idx(folder / (name if gz else name.removesuffix(".gz")), arrays[key])
-    return arrays
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -1,34 +1,43 @@
-"""vae_core must run on a bare GPU box: importing all of it pulls in no orchestration code."""
+"""vae_core and experiments must run on a bare GPU box: importing all of either pulls in no
+orchestration code, nor anything else that machine lacks (ruamel.yaml, filelock, mlxtend)."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 CHECK = """
 import importlib, pkgutil, sys
-import vae_core
-names = [m.name for m in pkgutil.walk_packages(vae_core.__path__, "vae_core.")]
+NOT_ON_THE_GPU_BOX = {"prefect", "mlflow", "dvc", "ruamel", "filelock", "mlxtend", "flows"}
+package = importlib.import_module(sys.argv[1])
+names = [m.name for m in pkgutil.walk_packages(package.__path__, sys.argv[1] + ".")]
 for name in names:
     importlib.import_module(name)
-leaked = sorted(m for m in sys.modules if m.split(".")[0] in {"prefect", "mlflow", "dvc"})
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in NOT_ON_THE_GPU_BOX)
 print(len(names), leaked)
 assert not leaked, leaked
 """
 
 
-def test_vae_core_imports_no_orchestration_packages():
-    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True)
+@pytest.mark.parametrize(("package", "modules_at_least"), [("vae_core", 10), ("experiments", 6)])
+def test_imports_no_orchestration_packages(package: str, modules_at_least: int) -> None:
+    cmd = [sys.executable, "-c", CHECK, package]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     modules, _ = out.stdout.split(" ", 1)
-    assert int(modules) >= 10  # the walk really visited the subpackages' modules
+    assert int(modules) >= modules_at_least  # the walk really visited the package's modules
 
 
 def _project_imports(root: Path) -> dict[str, set[str]]:
     """Module -> the project modules it imports anywhere in its body (function-level imports
     too: a cycle hidden inside a function is still a cycle)."""
     modules = {}
-    for path in sorted(root.glob("[fv][la]*/**/*.py")):
+    for path in sorted(
+        p for pkg in ("experiments", "flows", "vae_core") for p in root.glob(f"{pkg}/**/*.py")
+    ):
         rel = path.relative_to(root).with_suffix("")
         parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
         modules[".".join(parts)] = path
@@ -49,7 +58,7 @@ def _project_imports(root: Path) -> dict[str, set[str]]:
 def test_no_import_cycles_between_project_modules():
     root = Path(__file__).resolve().parents[1]
     graph = _project_imports(root)
-    assert {"flows.cli", "flows.pipeline", "vae_core.config"} <= set(graph)
+    assert {"flows.cli", "flows.pipeline", "vae_core.config", "experiments.cli"} <= set(graph)
     # A depth-first search that reports the first back edge it meets.
     state: dict[str, int] = {}  # 1 = on the stack, 2 = done
 

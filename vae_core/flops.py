@@ -1,4 +1,5 @@
-"""How fast could it be: the machine's fp32 matmul rate and the FLOPs a model's step costs.
+"""How fast could it be: the machine's matmul rate (fp32, or another dtype such as bf16) and the
+FLOPs a model's step costs.
 
 Speed figures are quoted as a fraction of the matrix-product rate measured in the same run,
 because CPUs differ by 2x between machines that run this project; FLOPs are counted by torch's
@@ -15,12 +16,17 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def matmul_gflops(size: int = 4096, repeats: int = 3, device: str | torch.device = "cpu") -> float:
-    """The best of `repeats` timings of a size x size fp32 matrix product, in GFLOP/s."""
+def matmul_gflops(
+    size: int = 4096,
+    repeats: int = 3,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> float:
+    """The best of `repeats` timings of a size x size matrix product in `dtype`, in GFLOP/s."""
     device = torch.device(device)
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    out = torch.empty(size, size, device=device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
     torch.mm(a, b, out=out)  # warm-up: thread pool, allocator
     best = float("inf")
     for _ in range(repeats):

@@ -24,6 +24,7 @@ from flows.model_io import log_vae
 from flows.params import SECTIONS, Params
 from flows.pipeline import evaluate
 from flows.registry import register_version
+from vae_core import figure_names
 from vae_core.config import EvalConfig, TrainConfig
 from vae_core.data import DatasetSplits, save_processed
 from vae_core.evaluation import MnistClassifier, evaluate_model
@@ -207,8 +208,8 @@ EPOCH |= {"samples_per_second": 2000.0}
     ids=["defaults", "constant-lr", "kl-warm-up", "iwae-objective"],
 )
 def test_each_epoch_logs_what_changes_and_nothing_twice(overrides, logged, not_logged) -> None:
-    skip = run_record.repeated_epoch_keys(TrainConfig(**overrides))
-    figures = run_record.epoch_figures(EPOCH, skip)
+    skip = figure_names.repeated_epoch_keys(TrainConfig(**overrides))
+    figures = figure_names.epoch_figures(EPOCH, skip)
     assert {"train/neg_elbo", "val/neg_elbo", "val/recon", "val/kl"} <= set(figures)
     assert logged <= set(figures) and not (not_logged & set(figures))
     assert "epoch" not in figures and figures["val/neg_elbo"] == 110.0
@@ -251,7 +252,7 @@ def test_the_description_names_the_figure_that_chose_the_weights(by_iwae) -> Non
     train = {"best_epoch": 7, "epochs": 9, "best_val_neg_elbo": 95.0}
     if by_iwae:
         train["best_val_neg_iwae"] = 93.0
-    figures = run_record.training_figures(train)
+    figures = figure_names.training_figures(train)
     assert ("val/best_neg_iwae" in figures) == by_iwae
     text = run_record.description(train, {"data_variant": "binarized"}, figures)
     rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `")}

@@ -1,10 +1,12 @@
-"""`vae-pipeline reproduce`: rows of Burda et al. (2015), Table 1, within a wall-time budget.
+"""`python3 -m experiments reproduce` (and `vae-pipeline reproduce`): rows of Burda et al. (2015),
+Table 1, within a wall-time budget.
 
 Dynamically binarized MNIST, test NLL by the IWAE estimator with k=5000 on all 10,000 test
 images, as in the paper. The budget covers the whole command, so each row's cost is measured
 first (a short training probe and a k=5000 evaluation of a few dozen test images), then a pure
 planner (`plan_rows`) decides which rows fit and how many epochs each gets. Each row that runs
-is one MLflow run; the result is a Markdown table beside the paper's figures.
+is one MLflow run when a tracking URI is given and mlflow is installed (experiments.tracking);
+the result is a Markdown table beside the paper's figures.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from vae_core.errors import VaeError
 
 if TYPE_CHECKING:
     import torch
-    from mlflow import MlflowClient
     from torch import nn
 
+    from experiments.tracking import Tracker
     from vae_core.data.splits import DatasetSplits
 
 EXPERIMENT = "reproduce"  # MLflow experiment vae-reproduce (the pipeline's vae-<name> scheme)
@@ -46,7 +48,7 @@ BURDA_EPOCHS = 3280
 
 
 class ReproduceError(VaeError, ValueError):
-    """A bad argument of `vae-pipeline reproduce`: an unknown row, a missing MNIST folder."""
+    """A bad argument of `reproduce`: an unknown row, a missing MNIST folder."""
 
 
 # --------------------------------------------------------------------------- rows
@@ -407,8 +409,7 @@ def _count_active_units(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
 class Settings:
     """What every row shares: where results go and how the test NLL is estimated."""
 
-    client: MlflowClient
-    experiment_id: str
+    tracker: Tracker
     out_dir: Path
     device: str
     test_k: int
@@ -426,10 +427,12 @@ def run_row(
     x_test: torch.Tensor,
     s: Settings,
 ) -> RowResult:
-    """Train, evaluate and log one row as one MLflow run (FAILED with the reason if it fails)."""
+    """Train, evaluate and log one row as one MLflow run (FAILED with the reason if it fails);
+    without a tracker the same, unlogged."""
     import torch
 
-    from flows import run_record, tracking
+    from experiments.tracking import git_state
+    from vae_core import figure_names
     from vae_core.evaluation.likelihood import iwae_nll
     from vae_core.training.run import VARIANT_LABELS, run_training
 
@@ -444,13 +447,10 @@ def run_row(
         "data.source": str(Path(s.mnist_dir).resolve()),
         "torch.version": torch.__version__,
         "torch.threads": str(torch.get_num_threads()),
-        **tracking.git_state(Path.cwd()),
+        **git_state(Path.cwd()),
     }
-    with tracking.run_scope(s.client, s.experiment_id, run_name=row.name, tags=tags) as scope:
-        run_id = scope.run_id
-        tracking.log_params(
-            s.client,
-            run_id,
+    with s.tracker.run(row.name, tags) as run:
+        run.log_params(
             {
                 "row": row.name,
                 **{f"model.{k}": v for k, v in row.model.to_dict().items()},
@@ -472,13 +472,7 @@ def run_row(
             row.model,
             cfg,
             s.out_dir / "rows" / row.name,
-            callbacks=[
-                tracking.EpochLogger(
-                    s.client,
-                    run_id,
-                    run_record.repeated_epoch_keys(cfg),
-                )
-            ],
+            callbacks=run.epoch_callbacks(figure_names.repeated_epoch_keys(cfg)),
             resume=False,  # a schedule fitted to this budget must not continue an older one
             progress=False,
         )
@@ -489,20 +483,20 @@ def run_row(
         nll = iwae_nll(model, x, s.test_k, test_size=s.test_size, seed=SEED)
         eval_s = time.perf_counter() - start
         units = _count_active_units(model, x)
-        figures = {
-            "test/nll_iwae": nll.mean,
-            "test/nll_iwae_stderr": nll.stderr,
-            **{f"test/{k}": float(v) for k, v in units.items()},
-            **run_record.training_figures(outcome.metrics),
-            "time/train_seconds": train_s,
-            "time/eval_seconds": eval_s,
-        }
-        tracking.log_figures(s.client, run_id, figures)
-        flags = run_record.stop_tags(outcome.metrics)
+        run.log_figures(
+            {
+                "test/nll_iwae": nll.mean,
+                "test/nll_iwae_stderr": nll.stderr,
+                **{f"test/{k}": float(v) for k, v in units.items()},
+                **figure_names.training_figures(outcome.metrics),
+                "time/train_seconds": train_s,
+                "time/eval_seconds": eval_s,
+            }
+        )
+        flags = figure_names.stop_tags(outcome.metrics)
         if row.burda_nll is not None:
             flags["reference.burda2015_nll"] = f"{row.burda_nll:.2f}"
-        for key, value in (flags | {"device": device}).items():
-            s.client.set_tag(run_id, key, value)
+        run.set_tags(flags | {"device": device})
     return RowResult(
         row,
         "ran",
@@ -516,7 +510,7 @@ def run_row(
             if "active_units_z1" in units
             else str(units["active_units"])
         ),
-        run_id=run_id,
+        run_id=run.run_id,
     )
 
 
@@ -546,7 +540,9 @@ def reproduce(
     log: Callable[[str], None] = _log,
 ) -> Outcome:
     """Measure, plan, train and evaluate the rows within `budget_minutes` of wall time counted
-    from `started` (time.monotonic(); default now); write the table into `out_dir`."""
+    from `started` (time.monotonic(); default now); write the table into `out_dir`. Each row
+    that runs is an MLflow run at `tracking_uri` (default $MLFLOW_TRACKING_URI) when mlflow is
+    installed; otherwise `log` says once that nothing is logged."""
     import tempfile
 
     import torch
@@ -570,14 +566,10 @@ def reproduce(
     x_test = split_inputs(splits, "test", "binarized")
     n_test = len(x_test) if test_size == 0 else min(test_size, len(x_test))
 
-    from flows import tracking  # MLflow: imported once the arguments are known to be good
+    from experiments.tracking import open_tracker  # once the arguments are known to be good
 
-    client = tracking.connect(tracking_uri or tracking.resolve_uri(Path.cwd()))
-    tracking.ensure_reachable(client)
-    experiment_id = tracking.ensure_experiment(client, EXPERIMENT, Path.cwd())
     settings = Settings(
-        client,
-        experiment_id,
+        open_tracker(tracking_uri, EXPERIMENT, Path.cwd(), log),
         Path(out_dir),
         resolved,
         test_k,

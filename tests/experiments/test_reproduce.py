@@ -1,6 +1,7 @@
-"""`vae-pipeline reproduce`: the budget planner's decisions, the table, and the command end to
-end on a small synthetic IDX folder with a real SQLite MLflow store (no ../shared, no network).
-The command runs with a cheap estimator (--test-k 20 on 60 images) and at most 2 epochs."""
+"""`python3 -m experiments reproduce` (and `vae-pipeline reproduce`): the budget planner's
+decisions, the table, and the command end to end on a small synthetic IDX folder with a real
+SQLite MLflow store, or with none (no ../shared, no network). The command runs with a cheap
+estimator (--test-k 20 on 60 images) and at most 2 epochs."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from pathlib import Path
 import pytest
 from helpers import write_idx_folder
 
-from flows import cli
-from flows import reproduce as rp
-
-pytestmark = pytest.mark.usefixtures("isolated_mlflow_uri")
+from experiments import cli
+from experiments import reproduce as rp
+from experiments.tracking import git_state
 
 EXACT = {"overhead_s": 0.0, "safety": 0.0, "min_epochs": 1}  # round numbers in the planner
 
@@ -96,12 +96,12 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
-def _reproduce(mnist_dir: Path, uri: str, out: Path, budget: str, rows: str) -> list[str]:
+def _reproduce(mnist_dir: Path, uri: str | None, out: Path, budget: str, rows: str) -> list[str]:
     return [
         "reproduce",
         *("--mnist-dir", str(mnist_dir), "--budget-minutes", budget, "--rows", rows),
-        *("--tracking-uri", uri, "--out", str(out), "--max-epochs", "2"),
-        *("--test-k", "20", "--val-size", "100"),
+        *(("--tracking-uri", uri) if uri else ()),
+        *("--out", str(out), "--max-epochs", "2", "--test-k", "20", "--val-size", "100"),
     ]
 
 
@@ -143,14 +143,20 @@ def test_rows_run_print_the_table_and_log_one_mlflow_run_each(
 
 
 def test_rows_that_do_not_fit_are_reported_and_not_logged(
-    mnist_dir: Path, tracking_uri: str, tmp_path: Path, capsys
+    mnist_dir: Path, tracking_uri: str, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     from mlflow import MlflowClient
 
+    from flows import cli as flows_cli
+
     rows = "burda1_vae,burda1_iwae50"
-    rc = cli.main(_reproduce(mnist_dir, tracking_uri, tmp_path, "0.001", rows))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)  # vae-pipeline's default URI
+    rc = flows_cli.main(_reproduce(mnist_dir, None, tmp_path, "0.001", rows))
     out = capsys.readouterr().out
     assert rc == 1 and out.count(rp.NOT_RUN) == 2 and "best_row none" in out  # none could run
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # no URI: the harness runs, says it does not log
+    assert cli.main(_reproduce(mnist_dir, None, tmp_path, "0.001", rows)) == 1
+    assert capsys.readouterr().err.count("not logging to MLflow: no tracking URI") == 1
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("vae-reproduce")
     logged = {r.data.params["row"] for r in client.search_runs([experiment.experiment_id])}
@@ -176,3 +182,10 @@ def test_a_bad_mnist_dir_is_one_error_line_naming_the_folder(
     rc = cli.main(_reproduce(empty_ish, tracking_uri, tmp_path / "out", "1", "burda3"))
     assert rc == 2 and "unknown row burda3" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_git_state_is_unknown_without_git_or_a_repository(tmp_path: Path, monkeypatch) -> None:
+    unknown = {"git.commit": "unknown", "git.dirty": "unknown"}
+    assert git_state(tmp_path) == unknown  # not a repository
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all (a bare GPU machine)
+    assert git_state(Path(__file__).parent) == unknown
