@@ -10,7 +10,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from experiments.reproduce import BURDA_EPOCHS, ROWS, TEST_K, VAL_SIZE
+from experiments.reproduce import (
+    BURDA_EPOCHS,
+    ENOUGH_EPOCHS,
+    MIN_EPOCHS,
+    ROWS,
+    TEST_K,
+    VAL_SIZE,
+)
 from vae_core.errors import VaeError
 
 Subparsers = argparse._SubParsersAction
@@ -100,6 +107,13 @@ def add_reproduce(
         "--max-epochs", type=int, default=BURDA_EPOCHS, help="per row (default: Burda's 3,280)"
     )
     p.add_argument(
+        "--enough-epochs",
+        type=int,
+        default=ENOUGH_EPOCHS,
+        help="what a row is trained for before the next row gets any time (default "
+        f"{ENOUGH_EPOCHS}); rows run in priority order while each gets at least {MIN_EPOCHS}",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -134,6 +148,7 @@ def run_reproduce(args: argparse.Namespace, started: float | None = None) -> int
         test_size=args.test_size,
         val_size=args.val_size,
         max_epochs=args.max_epochs,
+        enough_epochs=args.enough_epochs,
         started=started,
     )
     print(outcome.table)
@@ -169,6 +184,15 @@ def add_eval_bench(sub: Subparsers) -> None:
         "--ks", default="100,1000", help="importance samples of each timing (comma-separated)"
     )
     p.add_argument("--test-size", type=int, default=1000, help="test images of each timing")
+    p.add_argument(
+        "--precisions",
+        default="fp32",
+        help="fp32, bf16 or fp32,bf16: each timing in each, and with both the bf16-minus-fp32 "
+        "difference per image (same importance samples): mean, standard error, largest",
+    )
+    p.add_argument(
+        "--full", action="store_true", help="also k=5000 on all test images (always on CUDA)"
+    )
     mode = p.add_argument_group("--throughput mode")
     mode.add_argument(
         "--throughput", action="store_true", help="matmul rate, then one timed IWAE evaluation"

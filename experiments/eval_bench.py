@@ -55,10 +55,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_iwae(model, x, k: int, test_size: int, seed: int, device: torch.device, label: str):
+def _time_iwae(
+    model,
+    x,
+    k: int,
+    test_size: int,
+    seed: int,
+    device: torch.device,
+    label: str,
+    precision: str = "fp32",
+):
     _sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
-    result = iwae_nll(model, x, k, test_size=test_size, seed=seed)
+    result = iwae_nll(model, x, k, test_size=test_size, seed=seed, precision=precision)
     _sync(device)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     n = len(result.indices)
@@ -71,6 +80,19 @@ def _time_iwae(model, x, k: int, test_size: int, seed: int, device: torch.device
     print(f"{label}_decoder_passes_per_second {n * k / seconds:.0f}")
     print(f"{label}_nll_iwae {result.mean:.3f}")
     print(f"{label}_nll_iwae_stderr {result.stderr:.3f}")
+    return result, seconds
+
+
+def _compare_precisions(label: str, results: dict[str, tuple]) -> None:
+    """bf16 against fp32 on the same images with the same importance samples: the mean
+    per-image difference of the NLL (bf16 - fp32) with its standard error, the largest one,
+    and the speed-up."""
+    (fp32, fp32_s), (bf16, bf16_s) = results["fp32"], results["bf16"]
+    diff = bf16.nll - fp32.nll
+    print(f"{label}_bf16_minus_fp32_mean_nats {diff.mean():.4f}")
+    print(f"{label}_bf16_minus_fp32_stderr_nats {diff.std(ddof=1) / np.sqrt(len(diff)):.4f}")
+    print(f"{label}_bf16_minus_fp32_max_abs_nats {np.abs(diff).max():.4f}")
+    print(f"{label}_bf16_speedup {fp32_s / bf16_s:.2f}")
 
 
 PRESETS = {
@@ -255,10 +277,18 @@ def timings(args: argparse.Namespace) -> int:
     print(f"test_neg_elbo {elbo.neg_elbo:.3f}")
     print(f"test_recon {elbo.recon:.3f}")
     print(f"test_kl {elbo.kl:.3f}")
-    iwae_nll(model, x[:8], 10)  # warm-up: allocator, kernels
-    for k in (int(k) for k in args.ks.split(",")):
-        n = args.test_size
-        _time_iwae(model, x, k, n, args.seed, device, f"iwae_k{k}_n{n}")
-    if device.type == "cuda":
-        _time_iwae(model, x, 5000, 0, args.seed, device, "iwae_k5000_full")
+    precisions = args.precisions.split(",")
+    for precision in precisions:
+        iwae_nll(model, x[:8], 10, precision=precision)  # warm-up: allocator, kernels
+    suffix = {p: f"_{p}" if len(precisions) > 1 else "" for p in precisions}
+    runs = [(int(k), args.test_size) for k in args.ks.split(",")]
+    runs += [(5000, 0)] if device.type == "cuda" or args.full else []
+    for k, n in runs:
+        label = f"iwae_k{k}_n{n}" if n else f"iwae_k{k}_full"
+        results = {
+            p: _time_iwae(model, x, k, n, args.seed, device, f"{label}{suffix[p]}", p)
+            for p in precisions
+        }
+        if {"fp32", "bf16"} <= results.keys():
+            _compare_precisions(label, results)
     return 0

@@ -38,7 +38,12 @@ SEED = 0  # split, binarization, weights, noise and evaluation: one seed for eve
 # images per second on a CPU or GPU, which is what a time budget buys epochs with.
 BATCH_SIZE = 100
 LR, LR_FINAL = 1e-3, 0.1  # exponential: 1e-3 -> 1e-4, the span of Burda's schedule
-MIN_EPOCHS = 3  # a row that cannot get this many epochs is not worth its evaluation
+# The floor: a row that cannot get this many epochs is not run (its figure would mean little,
+# and its evaluation costs as much as a trained row's). Capped by --max-epochs.
+MIN_EPOCHS = 30
+# What a row takes before the next row gets any time: a row is trained this long (or to the
+# end of the budget) whatever comes after it, so a faster machine never costs a row epochs.
+ENOUGH_EPOCHS = 1000
 ROW_OVERHEAD_S = 5.0  # building, saving, active units and MLflow logging of one row
 SAFETY = 0.05  # share of the time left kept back for what the estimates miss
 NOT_RUN = "not run (budget)"
@@ -145,58 +150,61 @@ def plan_rows(
     *,
     max_epochs: int = BURDA_EPOCHS,
     min_epochs: int = MIN_EPOCHS,
+    enough_epochs: int = ENOUGH_EPOCHS,
     overhead_s: float = ROW_OVERHEAD_S,
     safety: float = SAFETY,
 ) -> tuple[RowPlan, ...]:
-    """Which rows fit in `seconds_left`, and for how many epochs.
+    """Which rows run in `seconds_left`, for how long, and why: the budget poured into the
+    rows in priority order.
 
-    Rows are taken in order while each still gets `min_epochs` (a row that does not fit is
-    skipped; a cheaper one after it may still fit). Every running row gets the same number of
-    epochs, as in the paper, so the objectives compare at equal training rather than equal
-    minutes; Burda's own schedule (3,280 epochs) when that many fit, else an exponential one
-    fitted to the epochs.
+    Each row in turn, while it can get at least `min_epochs` (the floor: less training means
+    nothing), takes the time for `enough_epochs` (capped at `max_epochs`) or all that is left,
+    plus its evaluation; the first row that cannot reach the floor, and every row after it,
+    is `not run (budget)`. So the budget is used whole (the last row that runs takes the rest,
+    its learning rate decaying to the end of its own share), and a faster machine can only
+    help: with cheaper epochs every row that ran runs again with at least as many epochs
+    (rows before it need less time, never more), and rows are only ever added at the end.
+    Burda's own schedule (3,280 epochs) for a row that gets that many, else an exponential
+    one fitted to its share of time.
     """
     usable = max(0.0, seconds_left * (1.0 - safety))
-    min_epochs = min(min_epochs, max_epochs)
-    chosen: list[RowCost] = []
-    refused: dict[str, str] = {}
-    committed = 0.0
+    min_epochs = max(1, min(min_epochs, max_epochs))
+    enough = max(min_epochs, min(enough_epochs, max_epochs))
+    plans: list[RowPlan] = []
+    left, blocked = usable, ""
     for cost in costs:
-        need = _fixed_s(cost, overhead_s) + min_epochs * cost.epoch_s
-        if committed + need <= usable:
-            chosen.append(cost)
-            committed += need
-        else:
-            refused[cost.name] = (
-                f"needs >= {_duration(need)} (test NLL ~{_duration(cost.eval_s)} + "
-                f"{min_epochs} epochs and a spare one of ~{_duration(cost.epoch_s)}), "
-                f"{_duration(usable - committed)} left"
-                + (" after the rows before it" if committed else "")
+        epoch_s, fixed = max(cost.epoch_s, 1e-9), _fixed_s(cost, overhead_s)
+        need = fixed + min_epochs * epoch_s
+        if blocked:  # rows are only added at the end: a cheaper later row must not jump ahead
+            plans.append(RowPlan(cost.name, 0, reason=f"{blocked} did not reach the floor"))
+            continue
+        if need > left:
+            blocked = cost.name
+            reason = (
+                f"needs >= {_duration(need)} (test NLL ~{_duration(cost.eval_s)} + the floor of "
+                f"{min_epochs} epochs and a spare one of ~{_duration(epoch_s)}), "
+                f"{_duration(left)} left" + (" after the rows before it" if plans else "")
             )
-    epochs, spare, per_epoch = 0, 0.0, 1.0
-    if chosen:
-        spare = usable - sum(_fixed_s(c, overhead_s) for c in chosen)
-        per_epoch = sum(max(c.epoch_s, 1e-9) for c in chosen)
-        epochs = max(min_epochs, min(max_epochs, int(spare // per_epoch)))
-    schedule = "burda" if epochs >= BURDA_EPOCHS else "exponential"
-    plans = []
-    chosen_names = {c.name for c in chosen}
-    for cost in costs:
-        if cost.name in chosen_names:
-            # The hard stop: the row's share of all the training time, at least its epochs'
-            # estimate, more when the epochs are capped (a slow epoch then costs no epoch).
-            train_s = spare * max(cost.epoch_s, 1e-9) / per_epoch
-            plans.append(
-                RowPlan(
-                    cost.name,
-                    epochs,
-                    schedule,
-                    max_minutes=train_s / 60.0,
-                    reserved_s=train_s + _fixed_s(cost, overhead_s),
-                )
+            plans.append(RowPlan(cost.name, 0, reason=reason))
+            continue
+        train_s = min(enough * epoch_s, left - fixed)
+        epochs = enough if train_s >= enough * epoch_s else int(train_s // epoch_s)
+        why = (
+            f"{epochs} epochs: enough ({enough})"
+            if epochs >= enough
+            else f"{epochs} epochs: the rest of the budget ({_duration(train_s)} of training)"
+        )
+        plans.append(
+            RowPlan(
+                cost.name,
+                epochs,
+                "burda" if epochs >= BURDA_EPOCHS else "exponential",
+                max_minutes=train_s / 60.0,
+                reserved_s=train_s + fixed,
+                reason=why,
             )
-        else:
-            plans.append(RowPlan(cost.name, 0, reason=refused[cost.name]))
+        )
+        left -= train_s + fixed
     return tuple(plans)
 
 
@@ -536,6 +544,7 @@ def reproduce(
     test_size: int = TEST_SIZE,
     val_size: int = VAL_SIZE,
     max_epochs: int = BURDA_EPOCHS,
+    enough_epochs: int = ENOUGH_EPOCHS,
     started: float | None = None,
     log: Callable[[str], None] = _log,
 ) -> Outcome:
@@ -595,12 +604,17 @@ def reproduce(
                 f"({estimator_label(test_k, n_test)}) ~{_duration(cost.eval_s)}"
             )
     del x_probe
-    plans = plan_rows(list(costs.values()), deadline - time.monotonic(), max_epochs=max_epochs)
+    plans = plan_rows(
+        list(costs.values()),
+        deadline - time.monotonic(),
+        max_epochs=max_epochs,
+        enough_epochs=enough_epochs,
+    )
     by_name = {p.name: p for p in plans}
     for plan in plans:
         if plan.runs:
             log(
-                f"plan {plan.name}: {plan.epochs} epochs, {plan.lr_schedule} lr, hard stop "
+                f"plan {plan.name}: {plan.reason}; {plan.lr_schedule} lr, hard stop "
                 f"after {_duration(60 * plan.max_minutes)} of training"
             )
         else:

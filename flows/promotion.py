@@ -247,6 +247,7 @@ def score_champion(
     k: int,
     seed: int,
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Per-example IWAE NLL (nats) of a registered model on the given test examples, with the
     importance samples seeded by the examples' indices (as evaluation seeds them) on `device`:
@@ -269,7 +270,7 @@ def score_champion(
         a, b = challenger_config.get(key), config.get(key)
         if a is not None and b is not None and a != b:
             raise GateError(f"cannot compare NLLs: challenger {key}={a!r} but champion {key}={b!r}")
-    return -iwae_log_likelihood(model, x, k, seed=seed, indices=indices)
+    return -iwae_log_likelihood(model, x, k, seed=seed, indices=indices, precision=precision)
 
 
 def gate_and_apply(
@@ -314,6 +315,7 @@ def decide(
             params.evaluate.iwae_k,
             params.evaluate.seed,
             device=metrics.get("device", "cpu"),
+            precision=metrics.get("iwae_precision", "fp32"),
         )
     decision = evaluate_gate(challenger_nll, champion_nll, params.promote, params.evaluate.seed)
     return {"decision": decision, "champion": champion}

@@ -31,6 +31,9 @@ OBJECTIVES = ("elbo", "iwae")
 LR_SCHEDULES = ("constant", "exponential", "burda")
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli")
 DATA_VARIANTS = ("binarized", "continuous")
+# fp32 | bf16 matrix products | auto: bf16 where the hardware has fast bf16 matrix units (and,
+# in CPU training, at a batch large enough for them to pay): vae_core.training.precision
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 class ConfigError(VaeError, ValueError):
@@ -267,6 +270,9 @@ class TrainConfig(Section):
     # write the resume checkpoint at most this often, in seconds of training (0 = after every
     # epoch; the last epoch is always written): a GPU epoch of the MLP is well under a second
     checkpoint_every_s: float = setting(0.0, number(0.0))
+    # the matrix products' precision: fp32 | bf16 | auto (bf16 on CUDA with bf16 tensor cores,
+    # and on a CPU with AMX at batch_size >= 512, where it pays; fp32 elsewhere)
+    precision: str = setting("auto", one_of(*PRECISIONS))
 
 
 @dataclass(frozen=True)
@@ -278,6 +284,9 @@ class EvalConfig(Section):
     iwae_test_size: int = setting(1000, integer(0))  # 0 = the whole test set
     num_samples: int = setting(1000, integer(1))
     seed: int = setting(0, integer(0))
+    # the IWAE estimator's matrix products: fp32 | bf16 | auto (bf16 on AMX or bf16 tensor
+    # cores); the log-probabilities, log-weights and log-sum-exp stay float32/float64
+    precision: str = setting("fp32", one_of(*PRECISIONS))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ standard-normal draws, which lowers the variance of their difference.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,7 @@ def iwae_log_likelihood(
     batch_size: int | None = None,
     max_rows: int | None = None,
     fast: bool = True,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """IWAE estimate of log p(x) per example, log (1/k) sum_i p(x, z_i) / q(z_i | x), float64.
 
@@ -79,7 +81,13 @@ def iwae_log_likelihood(
     pixels) is evaluated by it, the batches shared among torch's threads with one thread each:
     the same estimator and the same noise, so the same figures up to float32 rounding (about
     1e-4 nats). `fast=False` forces the generic path (`model.log_weight_terms`).
+
+    `precision` bf16 runs the matrix products in bf16 (fp32 or bf16, already resolved: see
+    vae_core.training.precision); the log-probabilities, log-weights and log-sum-exp stay in
+    float32/float64. The same importance samples either way, so the two compare image by image.
     """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision: expected fp32 or bf16, found {precision!r}")
     if k < 1:
         raise ValueError(f"evaluate.iwae_k: expected an integer >= 1, found {k}")
     device = model_device(model)
@@ -89,15 +97,21 @@ def iwae_log_likelihood(
     indices = np.asarray(indices, dtype=np.int64)
     if len(indices) != n:
         raise ValueError(f"indices: expected {n} entries (one per example), found {len(indices)}")
-    scorer = _fast_scorer(model, device, max_rows or FAST_MAX_ROWS) if fast else None
+    rows = max_rows or FAST_MAX_ROWS
+    scorer = _fast_scorer(model, device, rows, precision) if fast else None
     if scorer is not None:
-        return _iwae_fast(model, scorer, x, k, indices, seed, batch_size, max_rows or FAST_MAX_ROWS)
+        return _iwae_fast(model, scorer, x, k, indices, seed, batch_size, rows, precision)
     max_rows = max_rows or _default_max_rows(device)
     if batch_size is None:
         batch_size = max(1, min(n, max_rows // k if k < max_rows else 1, 1000))
     gen = torch.Generator(device=device)
     out = np.empty(n, dtype=np.float64)
-    with torch.inference_mode():
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), autocast:
         for start in range(0, n, batch_size):
             xb = x[start : start + batch_size].to(device)
             out[start : start + len(xb)] = (
@@ -140,12 +154,14 @@ def _iwae_batch(
     return torch.logsumexp(log_w, dim=1) - math.log(k)
 
 
-def _fast_scorer(model: nn.Module, device: torch.device, max_rows: int) -> IWAEScorer | None:
+def _fast_scorer(
+    model: nn.Module, device: torch.device, max_rows: int, precision: str = "fp32"
+) -> IWAEScorer | None:
     """The model's IWAE fast path (a fresh IWAEScorer) or None: CPU only (on a GPU the generic
     path is fast enough, and TF32 matrix products would not keep the float64 sums exact)."""
     if device.type != "cpu" or not hasattr(model, "iwae_scorer"):
         return None
-    return model.iwae_scorer(max_rows)
+    return model.iwae_scorer(max_rows, precision)
 
 
 # Images per batch of the fast path at most: the batch's noise, (B, k, noise_dim) float32, is
@@ -178,6 +194,7 @@ def _iwae_fast(
     seed: int,
     batch_size: int | None,
     max_rows: int,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """The fast path: batches of examples shared among `torch.get_num_threads()` workers, each
     running torch with one thread (no synchronisation between the cores within a batch, which
@@ -204,7 +221,7 @@ def _iwae_fast(
 
     def run(start: int) -> None:
         if not hasattr(local, "scorer"):  # each worker thread: its own buffers and generator
-            local.scorer = scorers.pop() if scorers else model.iwae_scorer(max_rows)
+            local.scorer = scorers.pop() if scorers else model.iwae_scorer(max_rows, precision)
             local.gen, local.eps = torch.Generator(), None
         xb = x[start : start + batch_size]
         batch = len(xb)

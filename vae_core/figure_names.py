@@ -39,8 +39,13 @@ STOP_FLAGS = ("stopped_early", "stopped_by_time")
 
 
 def stop_tags(train_metrics: Mapping[str, Any]) -> dict[str, str]:
-    """Training's yes/no outcomes as tags `train.<flag>` ("true"/"false")."""
-    return {f"train.{k}": str(bool(train_metrics[k])).lower() for k in STOP_FLAGS}
+    """Training's yes/no outcomes as tags `train.<flag>` ("true"/"false"), and the precision
+    the run used (`train.precision_used`: fp32 or bf16, resolved from train.precision)."""
+    tags = {f"train.{k}": str(bool(train_metrics[k])).lower() for k in STOP_FLAGS}
+    if "precision" in train_metrics:  # what the matrix products ran in, and why
+        tags["train.precision_used"] = str(train_metrics["precision"])
+        tags["train.precision_reason"] = str(train_metrics.get("precision_reason", ""))
+    return tags
 
 
 def epoch_figures(

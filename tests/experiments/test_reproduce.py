@@ -29,36 +29,59 @@ def test_rows_in_priority_order_and_the_schedule_length_agrees_with_vae_core() -
         rp.select_rows("seed_mlp,burda3_vae")
 
 
-def test_every_running_row_gets_the_same_epochs_and_fits_the_budget_others_are_skipped() -> None:
+def test_the_budget_is_poured_into_the_rows_in_priority_order_and_used_whole() -> None:
     costs = [rp.RowCost("a", epoch_s=10, eval_s=100), rp.RowCost("b", epoch_s=20, eval_s=100)]
-    plans = rp.plan_rows(costs, 1000, **EXACT)
-    # fixed: eval + one overrun epoch = 110 + 120; (1000 - 230) // (10 + 20) = 25 epochs
-    assert [(p.epochs, p.lr_schedule) for p in plans] == [(25, "exponential")] * 2
-    # The hard stops share all the training time (770 s) by epoch cost: each covers 25 epochs.
-    assert [p.max_minutes * 60 for p in plans] == pytest.approx([770 / 3, 2 * 770 / 3])
-    assert sum(p.reserved_s for p in plans) == pytest.approx(1000)
-    # A row that does not fit is skipped, and a cheaper one after it runs.
-    costs = [rp.RowCost(name, epoch_s=10, eval_s=e) for name, e in (("first", 100), ("huge", 5000))]
-    costs.append(rp.RowCost("cheap", epoch_s=10, eval_s=100))
-    first, huge, cheap = rp.plan_rows(costs, 1000, **EXACT)
-    assert first.runs and cheap.runs and first.epochs == cheap.epochs
-    assert not huge.runs and huge.epochs == 0
-    assert "test NLL ~83.3 min" in huge.reason
+    costs += [rp.RowCost("c", epoch_s=10, eval_s=5000), rp.RowCost("d", epoch_s=1, eval_s=1)]
+    a, b, c, d = rp.plan_rows(costs, 1000, enough_epochs=50, **(EXACT | {"min_epochs": 5}))
+    # a: eval + one overrun epoch = 110 s, then enough (50 epochs, 500 s); b: 120 s fixed and
+    # the rest, 270 s: 13 epochs, its hard stop (and learning-rate decay) at the end of it.
+    assert (a.epochs, a.reason) == (50, "50 epochs: enough (50)")
+    assert a.max_minutes * 60 == pytest.approx(500)
+    assert (b.epochs, b.max_minutes * 60) == (13, pytest.approx(270))
+    assert b.reason == "13 epochs: the rest of the budget (4.5 min of training)"
+    assert a.reserved_s + b.reserved_s == pytest.approx(1000)
+    # c cannot reach the floor, and d, cheap as it is, may not jump the queue.
+    assert not c.runs and "needs >= 84.3 min" in c.reason and "0 s left" in c.reason
+    assert not d.runs and d.reason == "c did not reach the floor"
 
 
-def test_what_fits_no_budget_the_minimum_epochs_and_the_whole_burda_schedule() -> None:
+def test_a_faster_machine_never_costs_a_row_epochs_nor_its_place() -> None:
+    # Seven rows like Burda's table on a CPU (epochs of 2-45 s, evaluations of 1-10 min),
+    # 45 minutes, machines from as fast to 20x faster per epoch: every row that ran on the
+    # slower one runs on the faster one, with at least as many epochs.
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        costs = [
+            rp.RowCost(f"r{i}", epoch_s=rng.uniform(2, 45), eval_s=rng.uniform(60, 600))
+            for i in range(7)
+        ]
+        before = None
+        for speed in (1.0, 1.05, 1.3, 1.7, 2.5, 4.0, 7.0, 12.0, 20.0):
+            faster = [rp.RowCost(c.name, c.epoch_s / speed, c.eval_s) for c in costs]
+            plans = rp.plan_rows(faster, 45 * 60)
+            assert all(p.epochs >= rp.MIN_EPOCHS or not p.runs for p in plans)
+            ran = [p.runs for p in plans]
+            assert ran == sorted(ran, reverse=True)  # the rows that run come first
+            if before is not None:
+                for old, new in zip(before, plans, strict=True):
+                    assert new.epochs >= old.epochs, (speed, old, new)
+            before = plans
+
+
+def test_what_fits_no_budget_the_floor_and_the_whole_burda_schedule() -> None:
     costs = [rp.RowCost("a", epoch_s=10, eval_s=100)]
     assert not rp.plan_rows(costs, 0)[0].runs and not rp.plan_rows(costs, -50)[0].runs
-    # 100 + 5 + 10 (overrun) + 3 x 10 = 145 s for the minimum of 3 epochs
-    assert not rp.plan_rows(costs, 144, safety=0.0)[0].runs
-    assert rp.plan_rows(costs, 146, safety=0.0)[0].epochs == 3
-    # When it all fits: Burda's schedule, unless the epochs are capped.
+    # 100 + 5 + 10 (overrun) + 30 x 10 = 415 s for the floor of 30 epochs
+    assert not rp.plan_rows(costs, 414, safety=0.0)[0].runs
+    assert rp.plan_rows(costs, 416, safety=0.0)[0].epochs == rp.MIN_EPOCHS == 30
+    # When it all fits: Burda's schedule, unless the epochs are capped (the floor with them).
     costs = [rp.RowCost("a", epoch_s=0.1, eval_s=10), rp.RowCost("b", epoch_s=0.2, eval_s=10)]
-    full = rp.plan_rows(costs, 100_000)
+    full = rp.plan_rows(costs, 100_000, enough_epochs=rp.BURDA_EPOCHS)
     assert [(p.epochs, p.lr_schedule) for p in full] == [(rp.BURDA_EPOCHS, "burda")] * 2
     capped = rp.plan_rows(costs, 100_000, max_epochs=2)
     assert [(p.epochs, p.lr_schedule) for p in capped] == [(2, "exponential")] * 2
-    assert all(p.max_minutes > 100 for p in capped)  # slow epochs do not cost epochs
 
 
 def test_train_config_follows_the_plan() -> None:

@@ -240,6 +240,25 @@ def test_fast_path_equals_the_generic_path_and_a_float64_reference(config):
     np.testing.assert_allclose(fast, _float64_iwae(model, x, 30, seed=2), rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    "config", [VAEConfig(), BURDA_TWO_LAYER], ids=["mlp_784_400_20", "burda_two_layer"]
+)
+def test_bf16_matrix_products_keep_the_estimate_within_hundredths_of_a_nat(config):
+    # The bf16 fast path: the decoder's products in bf16, |l|, sigmoid, logs and sums as in
+    # float32/float64. The same importance samples, so image by image against fp32; and the
+    # generic path under bf16 autocast (other roundings) agrees with it. (A trained model on
+    # all 10,000 test images: `python -m experiments eval-bench --compare-precision`.)
+    model, x = build_vae(config, seed=0).eval(), _binary_images(16, seed=5)
+    fp32 = iwae_log_likelihood(model, x, 50, seed=1)
+    bf16 = iwae_log_likelihood(model, x, 50, seed=1, precision="bf16")
+    autocast = iwae_log_likelihood(model, x, 50, seed=1, precision="bf16", fast=False)
+    assert not np.array_equal(bf16, fp32)  # the products did run in bf16
+    assert abs((bf16 - fp32).mean()) < 0.01 and np.abs(bf16 - fp32).max() < 0.1
+    np.testing.assert_allclose(bf16, autocast, rtol=0, atol=0.1)
+    with pytest.raises(ValueError, match="precision: expected fp32 or bf16, found 'fp16'"):
+        iwae_log_likelihood(model, x, 5, precision="fp16")
+
+
 def test_fast_path_on_grey_levels_and_flat_images_and_the_models_without_one():
     # Bernoulli on grey levels is the summed binary cross-entropy: same formula, x in [0, 1].
     model = build_vae(BURDA_ONE_LAYER, seed=1).eval()

@@ -171,3 +171,18 @@ def test_classifier_and_report_command_lines_and_a_deterministic_classifier(tmp_
     x = splits.test_images[:8]
     assert torch.equal(loaded.features(x), a.eval().features(x))
     assert loaded.features(x).shape == (8, 128) and loaded(x).shape == (8, 10)
+
+
+def test_bf16_evaluation_records_its_precision_beside_the_figures_it_made(tmp_path):
+    fp32 = evaluate_model(_vae(), _splits(), "binarized", tmp_path / "a", SETTINGS)
+    bf16 = evaluate_model(
+        _vae(), _splits(), "binarized", tmp_path / "b", replace(SETTINGS, precision="bf16")
+    )
+    assert (fp32["iwae_precision"], bf16["iwae_precision"]) == ("fp32", "bf16")
+    assert bf16["test_nll_iwae_estimator"].endswith("matrix products in bf16")
+    assert bf16["iwae_precision_reason"] == "bf16, as set"
+    # The same examples and importance samples: the figures differ by bf16's rounding only.
+    a, _, _ = load_per_example(tmp_path / "a", "holdout")
+    b, _, _ = load_per_example(tmp_path / "b", "holdout")
+    assert not np.array_equal(a, b) and np.abs(a - b).max() < 0.5
+    assert abs(bf16["test_nll_iwae"] - fp32["test_nll_iwae"]) < 0.05

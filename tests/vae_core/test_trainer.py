@@ -353,3 +353,36 @@ def test_checkpoint_every_s_writes_less_often_and_the_last_epoch_always(tmp_path
 def _saved(tmp_path) -> int | None:
     path = tmp_path / "sparse" / "last.pt"
     return load_checkpoint(path)["epoch"] if path.is_file() else None
+
+
+def test_auto_precision_is_bf16_only_where_matrix_units_make_it_pay_and_says_why(monkeypatch):
+    from vae_core.training import precision
+
+    monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: False)  # an AMD box, say
+    chosen = _trainer(batch_size=1024).precision
+    assert chosen.name == "fp32" and "without bf16 matrix units (no AMX)" in chosen.reason
+    x = _images(64, 0)
+    result = _trainer(batch_size=1024, epochs=1).fit(x, x[:16])
+    assert (result.precision, result.precision_reason) == (chosen.name, chosen.reason)
+
+    monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: True)
+    assert _trainer(batch_size=1024).precision.name == "bf16"
+    small = _trainer(batch_size=128).precision  # per-step overhead, not arithmetic, binds
+    assert small.name == "fp32" and "batch 128 < 512" in small.reason
+    assert _trainer(batch_size=128, precision="bf16").precision.name == "bf16"  # as set
+    with pytest.raises(ValueError, match="train.precision: expected one of fp32, bf16, auto"):
+        precision.resolve_precision("fp16", torch.device("cpu"), field="train.precision")
+
+
+def test_bf16_training_keeps_the_reductions_in_float32_and_learns():
+    trainer = _trainer(precision="bf16", epochs=2)
+    x = to_unit_float(_images(256, 0))
+    seen = []
+    loss_fn = trainer.loss_fn
+    trainer.loss_fn = lambda *a: seen.append(loss_fn(*a)) or seen[-1]
+    trainer.train_epoch(x, epoch=0, beta=1.0)
+    loss, bound = seen[0]
+    assert loss.dtype == torch.float32 and bound.dtype == torch.float32
+    result = _trainer(precision="bf16", epochs=3).fit(_images(256, 0), _images(64, 1))
+    history = [h["val_neg_elbo"] for h in result.history]
+    assert result.precision == "bf16" and history[-1] < history[0], history

@@ -119,6 +119,7 @@ def iwae_nll(
     batch_size: int | None = None,
     max_rows: int | None = None,
     fast: bool = True,
+    precision: str = "fp32",
 ) -> IWAEResult:
     """-log p(x) by the IWAE estimator with k samples on a seeded subset of x (0 = all of x).
 
@@ -136,6 +137,7 @@ def iwae_nll(
         batch_size=batch_size,
         max_rows=max_rows,
         fast=fast,
+        precision=precision,
     )
     return IWAEResult(nll=-log_px, indices=indices, k=int(k), seed=int(seed))
 

@@ -45,6 +45,7 @@ from vae_core.evaluation.likelihood import (
 )
 from vae_core.evaluation.sample_quality import sample_quality_report
 from vae_core.training.checkpoint import MODEL_CONFIG_NAME, load_model
+from vae_core.training.precision import resolve_precision
 from vae_core.training.run import VARIANT_LABELS, split_inputs
 from vae_core.training.trainer import EVAL_BATCH_SIZE
 
@@ -140,6 +141,7 @@ def evaluate_model(
     kind, kind_sentence = likelihood_kind(likelihood, data_variant)
     is_likelihood = not kind.startswith("not_a_likelihood")
     x_test = split_inputs(splits, "test", data_variant).to(device)
+    precision = resolve_precision(config.precision, device, field="evaluate.precision")
 
     metrics: dict[str, float | int | str] = {
         "data_variant": data_variant,
@@ -150,6 +152,9 @@ def evaluate_model(
         "test_size": len(x_test),
         "seed": seed,
         "device": str(device),
+        # The IWAE figures' matrix products (the gate re-scores the champion the same way).
+        "iwae_precision": precision.name,
+        "iwae_precision_reason": precision.reason,
     }
 
     with torch.inference_mode():
@@ -174,7 +179,13 @@ def evaluate_model(
 
         t_iwae = time.perf_counter()
         iwae = iwae_nll(
-            model, x_test, iwae_k, test_size=iwae_test_size, seed=seed, max_rows=iwae_max_rows
+            model,
+            x_test,
+            iwae_k,
+            test_size=iwae_test_size,
+            seed=seed,
+            max_rows=iwae_max_rows,
+            precision=precision.name,
         )
         iwae_seconds = time.perf_counter() - t_iwae
         subset = f"{len(iwae.indices)} of {len(x_test)} test images" + (
@@ -184,13 +195,14 @@ def evaluate_model(
             name, per_example_file = "test_nll_iwae", NLL_FILE
             estimator = (
                 f"IWAE bound with k={iwae_k} importance samples on {subset}: an upper "
-                "bound on -log p(x) in expectation, tighter as k grows"
+                "bound on -log p(x) in expectation, tighter as k grows; matrix products in "
+                f"{precision.name}"
             )
         else:
             name, per_example_file = "test_neg_iwae_bce_greylevels", NOT_A_LIKELIHOOD_FILE
             estimator = (
                 f"iwae_bound_not_a_likelihood: IWAE bound with k={iwae_k} on {subset} "
-                "of the summed-BCE objective on grey levels"
+                f"of the summed-BCE objective on grey levels; matrix products in {precision.name}"
             )
         metrics.update(
             {
@@ -215,7 +227,13 @@ def evaluate_model(
         x_holdout = split_inputs(splits, "holdout", data_variant).to(device)
         if len(x_holdout):
             holdout = iwae_nll(
-                model, x_holdout, iwae_k, test_size=0, seed=seed, max_rows=iwae_max_rows
+                model,
+                x_holdout,
+                iwae_k,
+                test_size=0,
+                seed=seed,
+                max_rows=iwae_max_rows,
+                precision=precision.name,
             )
             metrics.update(
                 {

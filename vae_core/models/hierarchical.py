@@ -97,7 +97,7 @@ class TwoLayerVAE(nn.Module):
         ).view(batch, c)
         return log_px_z, log_p - log_q
 
-    def iwae_scorer(self, max_rows: int) -> IWAEScorer | None:
+    def iwae_scorer(self, max_rows: int, precision: str = "fp32") -> IWAEScorer | None:
         """The IWAE evaluation's fast path (see OneStochasticLayer.iwae_scorer): the same
         log-weights as `log_weight_terms` for Bernoulli pixels and float32 weights on the CPU,
         with every network folded (FoldedMLP) and p(x|z1) through a BernoulliLinearHead."""
@@ -109,7 +109,10 @@ class TwoLayerVAE(nn.Module):
             or not cpu_float32(self)
         ):
             return None
-        nets = [FoldedMLP.from_module(m) for m in (self.q_z2, self.p_z1, self.p_x)]
+        # bf16: the decoder to the pixels, where the arithmetic is; the small nets in float32.
+        pixels_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        nets = [FoldedMLP.from_module(m) for m in (self.q_z2, self.p_z1)]
+        nets.append(FoldedMLP.from_module(self.p_x, pixels_dtype))
         if any(net is None for net in nets) or nets[2].out_features != IMAGE_PIXELS:
             return None
         return _TwoLayerScorer(self, *nets, max_rows)

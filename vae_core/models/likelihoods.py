@@ -125,13 +125,15 @@ class Scratch:
             self._buffers[name] = buf
         return buf[:rows]
 
-    def padded(self, name: str, rows: int, width: int) -> torch.Tensor:
-        """A float32 buffer of at least `rows` rows of `width`, whole vectors long: exp or
+    def padded(
+        self, name: str, rows: int, width: int, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """A buffer of at least `rows` rows of `width`, whole vectors long: exp or
         sigmoid applied to all of it (the real rows are its first `rows`) computes each real
         element as it would in any other chunk, so a sample's log-weight does not depend on
         the chunk it went through (nor the per-example estimate on batching or subsets)."""
         step = VECTOR_ELEMENTS // math.gcd(width, VECTOR_ELEMENTS)
-        return self.get(name, -(-rows // step) * step, width)
+        return self.get(name, -(-rows // step) * step, width, dtype=dtype)
 
 
 class BernoulliLinearHead:
@@ -154,11 +156,17 @@ class BernoulliLinearHead:
 
     The result equals `bernoulli_log_prob` up to float32 rounding of the logits themselves
     (about 1e-5 nats per image; the float32 sum in `bernoulli_log_prob` is itself less exact).
+
+    With bf16 weights (precision bf16) the product runs on bf16 matrix units and its logits are
+    rounded to bf16; |l| is then taken into float32 and everything after it is as above, so
+    the figure is the exact log-probability of those rounded logits (x . l uses the same bf16
+    weights, widened). sigmoid and log never run in bf16: near 1 its 8-bit mantissa would bias
+    the sum of log sigmoid(|l|) by up to a nat per image.
     """
 
     def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor):
-        self.weight_t = weight_t.float().contiguous()  # (hidden, pixels)
-        self.bias = bias.float().contiguous()  # (pixels,)
+        self.weight_t = weight_t.contiguous()  # (hidden, pixels), float32 or bf16
+        self.bias = bias.to(weight_t.dtype).contiguous()  # (pixels,)
         self._weight64 = self.weight_t.double()
         self._bias64 = self.bias.double()
         self.g: torch.Tensor | None = None  # (B, 1, hidden): W (x - 1/2), per image
@@ -186,12 +194,18 @@ class BernoulliLinearHead:
         rows = batch * c
         whole = scratch.padded("logits", rows, self.pixels)
         logits = whole[:rows]
-        torch.addmm(self.bias, h.reshape(rows, hidden), self.weight_t, out=logits)
+        if self.weight_t.dtype == torch.float32:
+            torch.addmm(self.bias, h.reshape(rows, hidden), self.weight_t, out=logits)
+            logits.abs_()
+        else:  # bf16 matrix units, then |l| widened to float32 in one pass
+            low = scratch.get("logits_low", rows, self.pixels, dtype=self.weight_t.dtype)
+            torch.addmm(self.bias, h.reshape(rows, hidden), self.weight_t, out=low)
+            logits.copy_(low).abs_()
         # h . g in float64, elementwise then row sums: unlike a matrix-vector product, the same
         # for a sample whatever else is in the chunk.
         h64 = scratch.get("h64", rows, hidden, dtype=torch.float64).view(batch, c, hidden)
         x_dot_l = h64.copy_(h).mul_(self.g[images]).sum(-1) + self.c0[images]
-        abs_sum = _row_sum64(logits.abs_(), scratch)
+        abs_sum = _row_sum64(logits, scratch)
         whole.sigmoid_()  # the padding rows too: see Scratch.padded
         log_sig_sum = _row_sum_log(logits, scratch)
         return x_dot_l - 0.5 * abs_sum.view(batch, c) + log_sig_sum.view(batch, c)

@@ -58,8 +58,9 @@ class OneStochasticLayer(nn.Module):
         ).sum(-1)
         return log_px_z, log_prior_minus_q
 
-    def iwae_scorer(self, max_rows: int) -> IWAEScorer | None:
-        """The IWAE evaluation's fast path, or None where this model has none.
+    def iwae_scorer(self, max_rows: int, precision: str = "fp32") -> IWAEScorer | None:
+        """The IWAE evaluation's fast path, or None where this model has none. With precision
+        bf16 the decoder's matrix products run in bf16 (see BernoulliLinearHead).
 
         For a VAE with an MLP decoder (ReLU or tanh) ending in a linear layer and the Bernoulli
         likelihood, with float32 weights on the CPU: the same log-weights as `log_weight_terms`
@@ -79,7 +80,8 @@ class OneStochasticLayer(nn.Module):
             or not cpu_float32(self)
         ):
             return None
-        decoder = FoldedMLP.from_module(self.decoder.net)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        decoder = FoldedMLP.from_module(self.decoder.net, dtype)
         if decoder is None or decoder.out_features != IMAGE_PIXELS:
             return None
         return _OneLayerScorer(self, decoder, max_rows)
@@ -114,8 +116,14 @@ class FoldedMLP:
     is several times faster than its tanh on the CPU. Each layer writes into a scratch buffer.
     """
 
-    def __init__(self, linears: Sequence[nn.Linear], activations: Sequence[str]):
+    def __init__(
+        self,
+        linears: Sequence[nn.Linear],
+        activations: Sequence[str],
+        dtype: torch.dtype = torch.float32,
+    ):
         assert len(activations) == len(linears) - 1
+        self.dtype = dtype  # of the weights and the layers' outputs: float32, or bf16
         self.weights_t: list[torch.Tensor] = []  # (in, out), contiguous
         self.biases: list[torch.Tensor] = []
         self.activations = [*("sigmoid" if a == "tanh" else a for a in activations), ""]
@@ -129,11 +137,11 @@ class FoldedMLP:
                 weight, bias, scale, shift = 2.0 * weight, 2.0 * bias, 2.0, -1.0
             else:
                 scale, shift = 1.0, 0.0
-            self.weights_t.append(weight.T.float().contiguous())
-            self.biases.append(bias.float())
+            self.weights_t.append(weight.T.to(dtype).contiguous())
+            self.biases.append(bias.to(dtype))
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> FoldedMLP | None:
+    def from_module(cls, module: nn.Module, dtype: torch.dtype = torch.float32) -> FoldedMLP | None:
         """Fold a Sequential of Linear / ReLU / Tanh layers (nested Sequentials and GaussianMLPs
         are flattened), Linear first and last; None for anything else."""
         layers = _flat_layers(module)
@@ -149,7 +157,7 @@ class FoldedMLP:
                 return None
         if len(activations) != len(linears) - 1:
             return None  # ends with an activation
-        return cls(linears, activations)
+        return cls(linears, activations, dtype)
 
     @property
     def out_features(self) -> int:
@@ -158,8 +166,10 @@ class FoldedMLP:
     def hidden(self, u: torch.Tensor, scratch: Scratch, name: str) -> torch.Tensor:
         """The last hidden layer's units (what the last Linear multiplies) for inputs u."""
         rows = u.shape[0]
+        if u.dtype != self.dtype:
+            u = scratch.get(f"{name}in", rows, u.shape[1], dtype=self.dtype).copy_(u)
         for i in range(len(self.biases) - 1):
-            whole = scratch.padded(f"{name}{i}", rows, self.biases[i].numel())
+            whole = scratch.padded(f"{name}{i}", rows, self.biases[i].numel(), self.dtype)
             u = torch.addmm(self.biases[i], u, self.weights_t[i], out=whole[:rows])
             whole.relu_() if self.activations[i] == "relu" else whole.sigmoid_()
         return u
@@ -167,7 +177,7 @@ class FoldedMLP:
     def __call__(self, u: torch.Tensor, scratch: Scratch, name: str) -> torch.Tensor:
         """The network's output for inputs u, in a scratch buffer."""
         h = self.hidden(u, scratch, name)
-        out = scratch.get(f"{name}out", u.shape[0], self.out_features)
+        out = scratch.get(f"{name}out", u.shape[0], self.out_features, dtype=self.dtype)
         return torch.addmm(self.biases[-1], h, self.weights_t[-1], out=out)
 
     def bernoulli_head(self) -> BernoulliLinearHead:
