@@ -272,7 +272,7 @@ class TrainConfig(Section):
     checkpoint_every_s: float = setting(0.0, number(0.0))
     # the matrix products' precision: fp32 | bf16 | auto (bf16 on CUDA with bf16 tensor cores,
     # and on a CPU with AMX at batch_size >= 512, where it pays; fp32 elsewhere)
-    precision: str = setting("auto", one_of(*PRECISIONS))
+    matmul_precision: str = setting("auto", one_of(*PRECISIONS))
 
 
 @dataclass(frozen=True)
@@ -285,8 +285,9 @@ class EvalConfig(Section):
     num_samples: int = setting(1000, integer(1))
     seed: int = setting(0, integer(0))
     # the IWAE estimator's matrix products: fp32 | bf16 | auto (bf16 on AMX or bf16 tensor
-    # cores); the log-probabilities, log-weights and log-sum-exp stay float32/float64
-    precision: str = setting("fp32", one_of(*PRECISIONS))
+    # cores); the log-probabilities, log-weights and log-sum-exp stay float32/float64. bf16
+    # moved the mean NLL of an MLP VAE by 0.0007 +- 0.0007 nats (k=5000, 1,000 MNIST test images)
+    matmul_precision: str = setting("auto", one_of(*PRECISIONS))
 
 
 @dataclass(frozen=True)

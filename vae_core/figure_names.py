@@ -40,11 +40,12 @@ STOP_FLAGS = ("stopped_early", "stopped_by_time")
 
 def stop_tags(train_metrics: Mapping[str, Any]) -> dict[str, str]:
     """Training's yes/no outcomes as tags `train.<flag>` ("true"/"false"), and the precision
-    the run used (`train.precision_used`: fp32 or bf16, resolved from train.precision)."""
+    the run used (`train.matmul_precision_used`: fp32 or bf16, from train.matmul_precision)."""
     tags = {f"train.{k}": str(bool(train_metrics[k])).lower() for k in STOP_FLAGS}
-    if "precision" in train_metrics:  # what the matrix products ran in, and why
-        tags["train.precision_used"] = str(train_metrics["precision"])
-        tags["train.precision_reason"] = str(train_metrics.get("precision_reason", ""))
+    if "matmul_precision" in train_metrics:  # what the matrix products ran in, and why
+        tags["train.matmul_precision_used"] = str(train_metrics["matmul_precision"])
+        reason = str(train_metrics.get("matmul_precision_reason", ""))
+        tags["train.matmul_precision_reason"] = reason
     return tags
 
 

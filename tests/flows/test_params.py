@@ -31,9 +31,9 @@ model: {architecture: mlp, hidden_sizes: [400], latent_dim: 20, likelihood: bern
 train: {data_variant: binarized, epochs: 300, batch_size: 128, lr: 0.002, lr_schedule:
   exponential, lr_final: 0.1, objective: elbo, iwae_k: 1, beta: 1.0, warmup_epochs: 0,
   patience: 20, max_minutes: 0.0, seed: 0, device: auto, compile: false,
-  checkpoint_every_s: 0.0, precision: auto}
+  checkpoint_every_s: 0.0, matmul_precision: auto}
 evaluate: {iwae_k: 100, iwae_test_size: 1000, num_samples: 1000, seed: 0,
-  precision: fp32}
+  matmul_precision: auto}
 classifier: {epochs: 5, batch_size: 128, lr: 0.002, seed: 0}
 promote: {mode: enabled, floor_nll: 250.0, margin_nats: 0.1, bootstrap_samples: 2000,
   confidence: 0.95}

@@ -247,7 +247,7 @@ def test_bf16_matrix_products_keep_the_estimate_within_hundredths_of_a_nat(confi
     # The bf16 fast path: the decoder's products in bf16, |l|, sigmoid, logs and sums as in
     # float32/float64. The same importance samples, so image by image against fp32; and the
     # generic path under bf16 autocast (other roundings) agrees with it. (A trained model on
-    # all 10,000 test images: `python -m experiments eval-bench --compare-precision`.)
+    # all 10,000 test images: `python3 -m experiments eval-bench --precisions fp32,bf16 --full`.)
     model, x = build_vae(config, seed=0).eval(), _binary_images(16, seed=5)
     fp32 = iwae_log_likelihood(model, x, 50, seed=1)
     bf16 = iwae_log_likelihood(model, x, 50, seed=1, precision="bf16")

@@ -174,9 +174,11 @@ def test_classifier_and_report_command_lines_and_a_deterministic_classifier(tmp_
 
 
 def test_bf16_evaluation_records_its_precision_beside_the_figures_it_made(tmp_path):
-    fp32 = evaluate_model(_vae(), _splits(), "binarized", tmp_path / "a", SETTINGS)
+    fp32 = evaluate_model(
+        _vae(), _splits(), "binarized", tmp_path / "a", replace(SETTINGS, matmul_precision="fp32")
+    )
     bf16 = evaluate_model(
-        _vae(), _splits(), "binarized", tmp_path / "b", replace(SETTINGS, precision="bf16")
+        _vae(), _splits(), "binarized", tmp_path / "b", replace(SETTINGS, matmul_precision="bf16")
     )
     assert (fp32["iwae_precision"], bf16["iwae_precision"]) == ("fp32", "bf16")
     assert bf16["test_nll_iwae_estimator"].endswith("matrix products in bf16")

@@ -369,13 +369,14 @@ def test_auto_precision_is_bf16_only_where_matrix_units_make_it_pay_and_says_why
     assert _trainer(batch_size=1024).precision.name == "bf16"
     small = _trainer(batch_size=128).precision  # per-step overhead, not arithmetic, binds
     assert small.name == "fp32" and "batch 128 < 512" in small.reason
-    assert _trainer(batch_size=128, precision="bf16").precision.name == "bf16"  # as set
-    with pytest.raises(ValueError, match="train.precision: expected one of fp32, bf16, auto"):
-        precision.resolve_precision("fp16", torch.device("cpu"), field="train.precision")
+    assert _trainer(batch_size=128, matmul_precision="bf16").precision.name == "bf16"  # as set
+    expected = "train.matmul_precision: expected one of fp32, bf16, auto"
+    with pytest.raises(ValueError, match=expected):
+        precision.resolve_precision("fp16", torch.device("cpu"), field="train.matmul_precision")
 
 
 def test_bf16_training_keeps_the_reductions_in_float32_and_learns():
-    trainer = _trainer(precision="bf16", epochs=2)
+    trainer = _trainer(matmul_precision="bf16", epochs=2)
     x = to_unit_float(_images(256, 0))
     seen = []
     loss_fn = trainer.loss_fn
@@ -383,6 +384,6 @@ def test_bf16_training_keeps_the_reductions_in_float32_and_learns():
     trainer.train_epoch(x, epoch=0, beta=1.0)
     loss, bound = seen[0]
     assert loss.dtype == torch.float32 and bound.dtype == torch.float32
-    result = _trainer(precision="bf16", epochs=3).fit(_images(256, 0), _images(64, 1))
+    result = _trainer(matmul_precision="bf16", epochs=3).fit(_images(256, 0), _images(64, 1))
     history = [h["val_neg_elbo"] for h in result.history]
     assert result.precision == "bf16" and history[-1] < history[0], history

@@ -141,7 +141,9 @@ def evaluate_model(
     kind, kind_sentence = likelihood_kind(likelihood, data_variant)
     is_likelihood = not kind.startswith("not_a_likelihood")
     x_test = split_inputs(splits, "test", data_variant).to(device)
-    precision = resolve_precision(config.precision, device, field="evaluate.precision")
+    precision = resolve_precision(
+        config.matmul_precision, device, field="evaluate.matmul_precision"
+    )
 
     metrics: dict[str, float | int | str] = {
         "data_variant": data_variant,

@@ -94,8 +94,8 @@ def run_training(
         "resumed_from_epoch": result.resumed_from_epoch,
         "train_samples_per_second": result.train_samples_per_second,
         "device": result.device,
-        "precision": result.precision,
-        "precision_reason": result.precision_reason,
+        "matmul_precision": result.precision,
+        "matmul_precision_reason": result.precision_reason,
         "train_size": len(splits.train_images),
     }
     saved = model.config.to_dict() | {"data_variant": train_config.data_variant}

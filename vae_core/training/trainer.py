@@ -38,7 +38,15 @@ EVAL_BATCH_SIZE = 10_000
 
 
 #: Settings that may differ between a checkpoint and the run that resumes it.
-RESUME_MAY_CHANGE = ("epochs", "patience", "max_minutes", "device", "compile", "checkpoint_every_s")
+RESUME_MAY_CHANGE = (
+    "epochs",
+    "patience",
+    "max_minutes",
+    "device",
+    "compile",
+    "checkpoint_every_s",
+    "matmul_precision",
+)
 
 
 class CheckpointMismatchError(VaeError, ValueError):
@@ -67,7 +75,7 @@ class TrainResult:
     noise_reseeded: bool = False
     train_samples_per_second: float = 0.0
     device: str = "cpu"
-    precision: str = "fp32"  # what the matrix products ran in (train.precision resolved)
+    precision: str = "fp32"  # what the matrix products ran in (train.matmul_precision resolved)
     precision_reason: str = ""
 
 
@@ -93,7 +101,7 @@ class Trainer:
         self.device = pick_device(config.device)
         self.model = model.to(self.device)
         self.precision = resolve_precision(
-            config.precision, self.device, config.batch_size, "train.precision"
+            config.matmul_precision, self.device, config.batch_size, "train.matmul_precision"
         )
         # Fused Adam: one kernel for all parameters, on CUDA and on the CPU (about 20% more
         # images per second here for the default MLP at batch 128).
