@@ -35,6 +35,7 @@ from vae_core.config import TrainConfig, VAEConfig
 from vae_core.flops import matmul_gflops, training_flops_per_image
 from vae_core.models.factory import build_vae
 from vae_core.objectives import dataset_elbo, training_loss
+from vae_core.training.precision import resolve_precision
 from vae_core.training.trainer import Trainer, to_unit_float
 
 
@@ -216,7 +217,8 @@ def run_bench(
     resolved = pick_device(device)
     put("device", str(resolved))
     put("torch_threads", torch.get_num_threads())
-    put("project_train_precision", "bf16" if resolved.type == "cuda" else "fp32")
+    precision = resolve_precision(TrainConfig().matmul_precision, resolved, batch_size)
+    put("project_train_precision", precision.name)  # at --batch-size, train.matmul_precision
     peaks = {
         name: matmul_gflops(matmul_size, device=resolved, dtype=dtype)
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
