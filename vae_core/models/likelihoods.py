@@ -171,6 +171,7 @@ class BernoulliLinearHead:
         self._bias64 = self.bias.double()
         self.g: torch.Tensor | None = None  # (B, 1, hidden): W (x - 1/2), per image
         self.c0: torch.Tensor | None = None  # (B, 1): b . (x - 1/2)
+        self.centred: torch.Tensor | None = None  # (B, pixels, 1): x - 1/2 (bf16 weights)
 
     @property
     def pixels(self) -> int:
@@ -181,16 +182,18 @@ class BernoulliLinearHead:
         centred = x.reshape(len(x), -1).double() - 0.5
         if centred.shape[1] != self.pixels:
             raise ValueError(f"expected {self.pixels} pixels per image, found {centred.shape[1]}")
-        self.g = (centred @ self._weight64.T).unsqueeze(1)
-        self.c0 = (centred * self._bias64).sum(-1, keepdim=True)
-        self.centred = centred.float().unsqueeze(2)  # (B, pixels, 1): the bf16 path's x . l
+        if self.weight_t.dtype == torch.float32:  # x . l = h . g + c0, in float64
+            self.g = (centred @ self._weight64.T).unsqueeze(1)
+            self.c0 = (centred * self._bias64).sum(-1, keepdim=True)
+        else:  # (B, pixels, 1): x . l from the rounded bf16 logits
+            self.centred = centred.float().unsqueeze(2)
 
     def log_prob(
         self, h: torch.Tensor, scratch: Scratch, images: slice = slice(None)
     ) -> torch.Tensor:
         """log p(x | h) of shape (B, c) float64 for h of shape (B, c, hidden), float32, for the
         prepared images `images` (B of them)."""
-        assert self.g is not None and self.c0 is not None, "call prepare(x) first"
+        assert self.g is not None or self.centred is not None, "call prepare(x) first"
         batch, c, hidden = h.shape
         rows = batch * c
         whole = scratch.padded("logits", rows, self.pixels)
