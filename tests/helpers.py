@@ -238,22 +238,30 @@ def mlflow_server_cmd(root: Path, port: int) -> list[str]:
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
+#: How often a call answered 503 is sent again before the test fails.
+PREFECT_503_ATTEMPTS = 6
+
+
 def prefect_api(server: SimpleNamespace, method: str, path: str, body: dict | None = None):
-    """One call to the Prefect REST API of ``server`` (``server.api``); None on 404."""
+    """One call to the Prefect REST API of ``server`` (``server.api``); None on 404.
+
+    The server answers 503 only when its database was busy (SQLite's SQLITE_BUSY, see
+    `prefect.server.api.server.is_client_retryable_exception`) and the request's transaction
+    was rolled back, so nothing was created: sending it again, POST included, is what
+    Prefect's own client does, and what this does, with a growing pause."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        f"{server.api}{path}",
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return None
-        raise
+    headers = {"Content-Type": "application/json"}
+    for attempt in range(PREFECT_503_ATTEMPTS):
+        req = urllib.request.Request(f"{server.api}{path}", data, headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            if exc.code != 503 or attempt == PREFECT_503_ATTEMPTS - 1:
+                raise
+        time.sleep(0.5 * 2**attempt)
 
 
 def prefect_client_env(server: SimpleNamespace, tmp: Path, **extra: str) -> dict[str, str]:
