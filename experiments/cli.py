@@ -218,6 +218,51 @@ def run_eval_bench(args: argparse.Namespace) -> int:
     return eval_bench.throughput(args) if args.throughput else eval_bench.timings(args)
 
 
+# --------------------------------------------------------------------------- recipe-search
+
+
+def add_recipe_search(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "recipe-search",
+        help="choose batch size, precision and learning rate for a time budget, on validation",
+        description="Trains the default MLP VAE once per candidate (each batch size in each "
+        "precision, lr * (batch / 128) ** e for each exponent e) for the same wall time, its "
+        "learning rate decaying to the end of it, and prints each candidate's best validation "
+        "-ELBO and the winner (see experiments/recipe_search.py). The test set is not read.",
+    )
+    p.add_argument("--mnist-dir", type=Path, required=True, help="folder with the 4 IDX .gz files")
+    p.add_argument("--seconds", type=float, default=20.0, help="training time per candidate")
+    p.add_argument("--batches", default="128,256,512,1024")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--lr", type=float, default=2e-3, help="the learning rate at batch 128")
+    p.add_argument("--lr-exponents", default="0.5,1", help="lr * (batch / 128) ** e")
+    p.add_argument("--data-variant", choices=("binarized", "continuous"), default="binarized")
+    p.add_argument("--device", default="auto")
+
+
+def run_recipe_search(args: argparse.Namespace) -> int:
+    from experiments.recipe_search import candidates, search
+
+    def numbers(text: str, kind: type) -> list:
+        return [kind(part) for part in text.split(",") if part.strip()]
+
+    pool = candidates(
+        numbers(args.batches, int),
+        [p.strip() for p in args.precisions.split(",") if p.strip()],
+        numbers(args.lr_exponents, float),
+        args.lr,
+    )
+    search(
+        args.mnist_dir,
+        args.seconds,
+        pool,
+        data_variant=args.data_variant,
+        device=args.device,
+        emit=print_figure,
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------- make-tiny-mnist
 
 
@@ -248,6 +293,7 @@ COMMANDS = {
     "bench": (add_bench, run_bench),
     "reproduce": (add_reproduce, run_reproduce),
     "eval-bench": (add_eval_bench, run_eval_bench),
+    "recipe-search": (add_recipe_search, run_recipe_search),
     "make-tiny-mnist": (add_make_tiny_mnist, run_make_tiny_mnist),
 }
 

@@ -34,6 +34,7 @@ DATA_VARIANTS = ("binarized", "continuous")
 # fp32 | bf16 matrix products | auto: bf16 where the hardware has fast bf16 matrix units (and,
 # in CPU training, at a batch large enough for them to pay): vae_core.training.precision
 PRECISIONS = ("fp32", "bf16", "auto")
+RECIPES = ("fixed", "budget")  # vae_core.training.recipe
 
 
 class ConfigError(VaeError, ValueError):
@@ -273,6 +274,9 @@ class TrainConfig(Section):
     # the matrix products' precision: fp32 | bf16 | auto (bf16 on CUDA with bf16 tensor cores,
     # and on a CPU with AMX at batch_size >= 512, where it pays; fp32 elsewhere)
     matmul_precision: str = setting("auto", one_of(*PRECISIONS))
+    # fixed: batch_size, lr and matmul_precision as set | budget (needs max_minutes): the batch,
+    # precision and lr scaled from `lr` that train best in that time on this hardware
+    recipe: str = setting("fixed", one_of(*RECIPES))
 
 
 @dataclass(frozen=True)

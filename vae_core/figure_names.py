@@ -39,13 +39,18 @@ STOP_FLAGS = ("stopped_early", "stopped_by_time")
 
 
 def stop_tags(train_metrics: Mapping[str, Any]) -> dict[str, str]:
-    """Training's yes/no outcomes as tags `train.<flag>` ("true"/"false"), and the precision
-    the run used (`train.matmul_precision_used`: fp32 or bf16, from train.matmul_precision)."""
+    """Training's yes/no outcomes as tags `train.<flag>` ("true"/"false"), the precision the
+    run used (`train.matmul_precision_used`: fp32 or bf16, from train.matmul_precision) and
+    what train.recipe chose (`train.recipe_used`, `train.batch_size_used`, `train.lr_used`)."""
     tags = {f"train.{k}": str(bool(train_metrics[k])).lower() for k in STOP_FLAGS}
     if "matmul_precision" in train_metrics:  # what the matrix products ran in, and why
         tags["train.matmul_precision_used"] = str(train_metrics["matmul_precision"])
         reason = str(train_metrics.get("matmul_precision_reason", ""))
         tags["train.matmul_precision_reason"] = reason
+    if train_metrics.get("recipe"):  # train.recipe's choice: batch size and lr as trained
+        tags["train.recipe_used"] = str(train_metrics["recipe"])
+        tags["train.batch_size_used"] = str(train_metrics["batch_size"])
+        tags["train.lr_used"] = f"{float(train_metrics['lr']):.6g}"
     return tags
 
 

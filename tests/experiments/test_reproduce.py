@@ -90,7 +90,7 @@ def test_train_config_follows_the_plan() -> None:
     cfg = rp.train_config(rp.ROWS[5], plan, "cpu")
     assert (cfg.objective, cfg.iwae_k, cfg.lr_schedule) == ("iwae", 50, "exponential")
     assert cfg.epochs == plan.epochs
-    assert (cfg.lr, cfg.lr * cfg.lr_final, cfg.batch_size) == (1e-3, pytest.approx(1e-4), 100)
+    assert (cfg.lr, cfg.lr * cfg.lr_final, cfg.recipe) == (2e-3, pytest.approx(2e-4), "budget")
     assert plan.epochs * 30 / 60 <= cfg.max_minutes < (plan.epochs + 1) * 30 / 60
 
 
@@ -99,7 +99,10 @@ def test_table_and_figures() -> None:
     skipped = rp.RowResult(rp.ROWS[2], rp.NOT_RUN, note="needs more")
     table = rp.results_table([ran, skipped], 5000, 10_000)
     assert "| test NLL (k=5000, 10,000 images) | Burda 2015 | active units |" in table
-    assert "| burda1_vae | 784-200-200-50 tanh | ELBO | 12 | 340 | cpu | 91.23 ± 0.31 |" in table
+    assert (
+        "| burda1_vae | 784-200-200-50 tanh | ELBO | 12 | 340 | cpu | 91.23 ± 0.31 (fp32) |"
+        in table
+    )
     assert f"| {rp.NOT_RUN} | 85.33 | - |" in table
     best = {"burda1_vae_test_nll": 91.234, "best_test_nll": 91.234, "best_row": "burda1_vae"}
     assert rp.figures([ran, skipped]) == best

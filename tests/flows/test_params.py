@@ -31,7 +31,7 @@ model: {architecture: mlp, hidden_sizes: [400], latent_dim: 20, likelihood: bern
 train: {data_variant: binarized, epochs: 300, batch_size: 128, lr: 0.002, lr_schedule:
   exponential, lr_final: 0.1, objective: elbo, iwae_k: 1, beta: 1.0, warmup_epochs: 0,
   patience: 20, max_minutes: 0.0, seed: 0, device: auto, compile: false,
-  checkpoint_every_s: 0.0, matmul_precision: auto}
+  checkpoint_every_s: 0.0, matmul_precision: auto, recipe: fixed}
 evaluate: {iwae_k: 100, iwae_test_size: 1000, num_samples: 1000, seed: 0,
   matmul_precision: auto}
 classifier: {epochs: 5, batch_size: 128, lr: 0.002, seed: 0}

@@ -387,3 +387,32 @@ def test_bf16_training_keeps_the_reductions_in_float32_and_learns():
     result = _trainer(matmul_precision="bf16", epochs=3).fit(_images(256, 0), _images(64, 1))
     history = [h["val_neg_elbo"] for h in result.history]
     assert result.precision == "bf16" and history[-1] < history[0], history
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_the_budget_recipe_trains_with_this_hardwares_batch_precision_and_scaled_lr(
+    monkeypatch, amx
+):
+    from vae_core.config import ConfigError
+    from vae_core.training import precision
+    from vae_core.training.recipe import BUDGET_RECIPES, apply_recipe
+
+    monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: amx)
+    with pytest.raises(ConfigError, match=r"train.recipe: .* train.max_minutes > 0, found 0"):
+        _trainer(recipe="budget")
+    recipe = BUDGET_RECIPES["cpu-bf16" if amx else "cpu"]
+    trainer = _trainer(recipe="budget", max_minutes=5.0, lr=1e-3, batch_size=32, epochs=1)
+    assert trainer.config.batch_size == recipe.batch_size != 32
+    assert trainer.config.lr == pytest.approx(1e-3 * (recipe.batch_size / 128) ** 0.5)
+    assert trainer.precision.name == recipe.matmul_precision == ("bf16" if amx else "fp32")
+    assert trainer.recipe.startswith(f"budget ({'cpu-bf16' if amx else 'cpu'}): batch")
+    assert apply_recipe(trainer.config, trainer.device)[0] == trainer.config  # applied once
+    x = _images(64, 0)
+    result = trainer.fit(x, x[:16])
+    assert (result.batch_size, result.lr, result.recipe) == (
+        recipe.batch_size,
+        trainer.config.lr,
+        trainer.recipe,
+    )
+    fixed = _trainer(batch_size=32)
+    assert fixed.config.batch_size == 32 and fixed.recipe.startswith("fixed")

@@ -96,6 +96,9 @@ def run_training(
         "device": result.device,
         "matmul_precision": result.precision,
         "matmul_precision_reason": result.precision_reason,
+        "recipe": result.recipe,
+        "batch_size": result.batch_size,
+        "lr": result.lr,
         "train_size": len(splits.train_images),
     }
     saved = model.config.to_dict() | {"data_variant": train_config.data_variant}

@@ -30,6 +30,7 @@ from vae_core.training.checkpoint import (
 from vae_core.training.device import pick_device
 from vae_core.training.precision import resolve_precision
 from vae_core.training.progress import ProgressBar
+from vae_core.training.recipe import apply_recipe
 from vae_core.training.schedule import lr_at
 
 EpochCallback = Callable[[dict], None]
@@ -77,6 +78,9 @@ class TrainResult:
     device: str = "cpu"
     precision: str = "fp32"  # what the matrix products ran in (train.matmul_precision resolved)
     precision_reason: str = ""
+    recipe: str = ""  # train.recipe's decision in words (vae_core.training.recipe)
+    batch_size: int = 0  # what the run trained with (train.recipe: budget picks them)
+    lr: float = 0.0
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -96,9 +100,11 @@ class Trainer:
     """Fits a VAE with Adam; checkpoints every epoch and resumes from the last one."""
 
     def __init__(self, model: VAE, config: TrainConfig, progress: bool = True):
-        self.config = config
         self.progress = progress  # a progress bar per epoch on stderr
         self.device = pick_device(config.device)
+        # train.recipe: budget replaces the batch size, lr and precision by this hardware's
+        self.config, self.recipe = apply_recipe(config, self.device)
+        config = self.config
         self.model = model.to(self.device)
         self.precision = resolve_precision(
             config.matmul_precision, self.device, config.batch_size, "train.matmul_precision"
@@ -208,6 +214,9 @@ class Trainer:
             device=str(self.device),
             precision=self.precision.name,
             precision_reason=self.precision.reason,
+            recipe=self.recipe,
+            batch_size=self.config.batch_size,
+            lr=self.config.lr,
         )
         self.budget_seconds = self.last_epoch_seconds = 0.0  # unless a checkpoint says more
         since_best = 0
