@@ -208,6 +208,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
+    from flows.events import retrain_on_drift
     from flows.pipeline import training_pipeline
 
     schedule = {"interval": args.interval} if args.interval else {"cron": args.cron}
@@ -219,8 +220,72 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         parameters={"overrides": args.overrides, "workdir": str(Path(args.workdir).resolve())},
         limit=args.limit,
         global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=overlap),
+        triggers=[retrain_on_drift()],  # and on the clock: a run when a scored batch drifts
         **schedule,
     )
+    return 0
+
+
+def _add_dask(p: argparse.ArgumentParser) -> None:
+    runner = p.add_mutually_exclusive_group()
+    runner.add_argument(
+        "--dask-address", default=None, metavar="tcp://HOST:PORT", help="an existing Dask cluster"
+    )
+    runner.add_argument(
+        "--dask-workers", type=int, default=None, metavar="N", help="a local Dask cluster of N"
+    )
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score",
+        help="score a batch of images with the champion; decide drift",
+        description="Per image: the IWAE log-likelihood (k = evaluate.iwae_k), the "
+        "reconstruction error and the latent mean, into one Parquet file; an MLflow run in "
+        "vae-<dataset>-scoring; the drift decision against the model version's holdout, "
+        "printed as `name value` lines and emitted as a Prefect event. Bad input exits 2.",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        help="a .npy file of 28x28 images (uint8, or floats in [0, 1]), or a folder of IDX or "
+        "PNG files",
+    )
+    p.add_argument("--model", default=None, help="an MLflow model URI (default: the champion)")
+    p.add_argument("--out", default=None, help="the Parquet file (default scores/<input>.parquet)")
+    _add_dask(p)
+    add_override_argument(p, "override a parameter, e.g. -S evaluate.iwae_k=50")
+    p.add_argument("--workdir", default=".", help="the project folder (params.yaml)")
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    _quiet_prefect_defaults()
+    from flows import tracking
+    from flows.registry import registered_model_name
+    from flows.scoring import batch_scoring, resolve_model
+    from flows.sweep.flow import task_runner
+    from vae_core.scoring.inputs import open_images
+
+    # Fail fast, before Prefect starts: the parameters, the input's form and headers, the model.
+    params = load_params(Path(args.workdir) / DEFAULT_PATH, args.overrides)
+    open_images(args.input)
+    client = tracking.connect(tracking.resolve_uri(Path(args.workdir)))
+    resolve_model(client, args.model, registered_model_name(params.data.dataset))
+    runner = task_runner(None, args.dask_address, args.dask_workers)
+    result = batch_scoring.with_options(task_runner=runner)(
+        input_path=args.input,
+        model=args.model,
+        out=args.out,
+        workdir=args.workdir,
+        overrides=args.overrides,
+    )
+    figures = result["figures"]
+    print(f"scored {int(figures['score/images']):,} images with {result['model']['uri']}")
+    print(f"wrote {result['out']} (MLflow run {result['run_id']})")
+    for name, value in figures.items():
+        if name.startswith("score/") or name.startswith("time/"):
+            print(f"{name.replace('/', '_')} {value:.6g}")
+    print("\n".join(result["drift_lines"]))
     return 0
 
 
@@ -233,13 +298,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--sweep-file", default="sweep.yaml", help="relative to --workdir")
     p.add_argument("--max-workers", type=int, default=None, help="trials at once in threads")
-    runner = p.add_mutually_exclusive_group()
-    runner.add_argument(
-        "--dask-address", default=None, metavar="tcp://HOST:PORT", help="an existing Dask cluster"
-    )
-    runner.add_argument(
-        "--dask-workers", type=int, default=None, metavar="N", help="a local Dask cluster of N"
-    )
+    _add_dask(p)
     p.add_argument("--retry-failed", action="store_true", help="run failed trials again")
     _add_dvc_remote(p)
     add_override_argument(p, "override a base parameter for every trial, e.g. -S train.epochs=3")
@@ -326,6 +385,7 @@ COMMANDS = {
     "serve": (_add_serve, _cmd_serve),
     "history": (_add_history, _cmd_history),
     "sweep": (_add_sweep, _cmd_sweep),
+    "score": (_add_score, _cmd_score),
     "reproduce": (_add_reproduce, _cmd_reproduce),
 }
 

@@ -93,6 +93,21 @@ class PromoteConfig(Section):
 
 
 @dataclass(frozen=True)
+class DriftConfig(Section):
+    """When a scored batch no longer looks like the champion's holdout (flows.drift): drift if
+    the two-sample test rejects at `alpha` and the mean NLL rose by more than
+    `min_mean_shift_nats` (the bootstrap interval's lower end), or if more than
+    `max_tail_share` of the batch lies beyond the holdout's 99th percentile."""
+
+    SECTION: ClassVar[str] = "drift"
+    alpha: float = setting(0.01, number(0.0, 1.0, low_open=True, high_open=True))
+    min_mean_shift_nats: float = setting(2.0, number(0.0))
+    max_tail_share: float = setting(0.05, number(0.0, 1.0, high_open=True))
+    bootstrap_samples: int = setting(2000, integer(1))
+    confidence: float = setting(0.95, number(0.0, 1.0, low_open=True, high_open=True))
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of params.yaml, one attribute per section."""
 
@@ -103,6 +118,7 @@ class Params:
     evaluate: EvalConfig
     classifier: ClassifierTrainConfig
     promote: PromoteConfig
+    drift: DriftConfig
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name).to_dict() for name in SECTIONS}

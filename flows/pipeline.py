@@ -21,7 +21,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from flows import dvc_runner, run_record, tracking, workspace
+from flows import dvc_runner, run_record, scoring, tracking, workspace
 from flows.lineage import data_lineage
 from flows.params import Params, load_params
 from flows.recovery import settle_dead_run
@@ -317,6 +317,7 @@ def _train_evaluate_register(
         description = run_record.description(train["metrics"], ev["metrics"], figures)
         tracking.set_description(client, run_id, description)
         version_tags = tags | headline_tags(figures) | {"mlflow.run_id": run_id}
+        version_tags |= scoring.reference_tags(run_id, ev["metrics"], params.evaluate.iwae_k)
         reg = register(params, run_id, uri, train["model_uri"], version_tags, figures)
         gate = promote(str(root), params, uri, reg["name"], reg["version"], ev["eval_dir"])
         client.set_tag(run_id, "gate.decision", gate.get("decision", ""))

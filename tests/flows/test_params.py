@@ -37,6 +37,8 @@ evaluate: {iwae_k: 100, iwae_test_size: 1000, num_samples: 1000, seed: 0,
 classifier: {epochs: 5, batch_size: 128, lr: 0.002, seed: 0}
 promote: {mode: enabled, floor_nll: 250.0, margin_nats: 0.1, bootstrap_samples: 2000,
   confidence: 0.95}
+drift: {alpha: 0.01, min_mean_shift_nats: 2.0, max_tail_share: 0.05, bootstrap_samples: 2000,
+  confidence: 0.95}
 """)
 
 
