@@ -234,13 +234,18 @@ def histogram(nll: np.ndarray, reference: np.ndarray | None, title: str):
 
     fig, ax = plt.subplots(figsize=(7, 4))
     both = nll if reference is None else np.concatenate([nll, reference])
-    bins = np.linspace(np.percentile(both, 0.5), np.percentile(both, 99.5), 60)
-    ax.hist(nll, bins=bins, density=True, alpha=0.6, label=f"this batch ({len(nll):,})")
-    if reference is not None:
-        ax.hist(
-            reference, bins=bins, density=True, alpha=0.6, label=f"reference ({len(reference):,})"
-        )
-    ax.set(xlabel="per-image NLL, IWAE (nats)", ylabel="density", title=title)
+    low, high = np.percentile(both, 0.5), np.percentile(both, 99.5)
+    # A batch far from the reference (inverted digits: 100x its NLLs) would squeeze the
+    # reference into one bar: log-spaced bins on a log axis keep both readable.
+    wide = low > 0 and high / low > 20
+    bins = np.geomspace(low, high, 60) if wide else np.linspace(low, high, 60)
+    if wide:
+        ax.set_xscale("log")
+    for values, label in ((nll, "this batch"), (reference, "reference")):
+        if values is not None:  # each bar: the share of that set's images in the bin
+            share = np.full(len(values), 1 / len(values))
+            ax.hist(values, bins=bins, weights=share, alpha=0.6, label=f"{label} ({len(values):,})")
+    ax.set(xlabel="per-image NLL, IWAE (nats)", ylabel="share of images", title=title)
     ax.legend()
     fig.tight_layout()
     return fig
