@@ -108,6 +108,24 @@ class DriftConfig(Section):
 
 
 @dataclass(frozen=True)
+class LimitsConfig(Section):
+    """Time limits of a training flow run and of its long tasks, in minutes (0 = none). A run
+    past one ends TimedOut, puts params.yaml and dvc.lock back, releases the workspace and
+    marks its MLflow run FAILED, so a run that hangs while alive cannot hold the deployment's
+    one slot for ever: the next scheduled run goes through."""
+
+    SECTION: ClassVar[str] = "limits"
+    flow_minutes: float = setting(720.0, number(0.0))
+    train_minutes: float = setting(600.0, number(0.0))
+    evaluate_minutes: float = setting(120.0, number(0.0))
+
+    @staticmethod
+    def seconds(minutes: float) -> float | None:
+        """A limit as Prefect's timeout_seconds: None for no limit."""
+        return 60.0 * minutes if minutes > 0 else None
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of params.yaml, one attribute per section."""
 
@@ -119,6 +137,7 @@ class Params:
     classifier: ClassifierTrainConfig
     promote: PromoteConfig
     drift: DriftConfig
+    limits: LimitsConfig
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name).to_dict() for name in SECTIONS}

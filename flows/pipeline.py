@@ -9,6 +9,7 @@ registry are only ever changed by one run at a time.
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,14 @@ from prefect.artifacts import (
     create_progress_artifact,
     update_progress_artifact,
 )
+from prefect.utilities.timeout import timeout
 
 from flows import dvc_runner, run_record, scoring, tracking, workspace
 from flows.lineage import data_lineage
-from flows.params import Params, load_params
+from flows.params import LimitsConfig, Params, load_params
 from flows.recovery import settle_dead_run
 from vae_core import figure_names
+from vae_core.errors import VaeError
 
 
 @task(**dvc_runner.FETCH_RETRY)
@@ -291,7 +294,12 @@ def _publish(out: dict[str, Any], client: MlflowClient) -> None:
 
 
 def _train_evaluate_register(
-    root: Path, params: Params, overrides: list[str], client: MlflowClient, lineage: dict
+    root: Path,
+    params: Params,
+    overrides: list[str],
+    client: MlflowClient,
+    lineage: dict,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """One MLflow run: train, evaluate, register, promote. On any failure the run is marked
     FAILED with the reason, and a version it registered is deleted again: a failed run never
@@ -311,8 +319,13 @@ def _train_evaluate_register(
         client.set_tag(run_id, "params.overrides", " ".join(overrides))
         processed = workspace.processed_dir(root, dataset)
         tracking.log_dataset(client, run_id, lineage, processed, dataset)
-        train = train_model(str(root), params, run_id, uri)
-        ev = evaluate(str(root), params, run_id, uri, train["model_dir"], train["model_id"])
+        limits = params.limits  # each long task's own time limit, within the flow's
+        train = train_model.with_options(
+            timeout_seconds=task_limit(limits.train_minutes, deadline)
+        )(str(root), params, run_id, uri)
+        ev = evaluate.with_options(timeout_seconds=task_limit(limits.evaluate_minutes, deadline))(
+            str(root), params, run_id, uri, train["model_dir"], train["model_id"]
+        )
         figures = train["figures"] | ev["figures"]
         description = run_record.description(train["metrics"], ev["metrics"], figures)
         tracking.set_description(client, run_id, description)
@@ -361,14 +374,51 @@ def training_pipeline(
     ``dvc_remote``: a DVC remote the team shares (configured in each workspace, e.g. `dvc
     remote add --local shared PATH`): data come from it when another workspace prepared them,
     and go to it after the stages run."""
+    root = Path(workdir).resolve()
+    overrides = list(overrides or [])
+    limits = load_params(root / workspace.PARAMS_NAME, overrides).limits  # bad values: now
+    # Past limits.flow_minutes the body is interrupted like a failure (files restored, the
+    # workspace freed, the MLflow run FAILED) and Prefect ends the flow run TimedOut.
+    seconds = limits.seconds(limits.flow_minutes)
+    deadline = None if seconds is None else time.monotonic() + seconds
+    try:
+        with timeout(seconds, timeout_exc_type=FlowTimeLimit):
+            return _pipeline(root, overrides, force, dvc_remote, deadline)
+    except TimeoutError as exc:
+        if deadline is not None and time.monotonic() >= deadline - 1.0:
+            raise FlowTimeLimit(
+                f"limits.flow_minutes: the run passed its limit of {limits.flow_minutes:g} min"
+            ) from exc
+        raise TimeLimit(f"a task passed its limit (params.yaml, limits): {exc}") from exc
+
+
+class TimeLimit(VaeError, TimeoutError):
+    """A training flow run or one of its tasks passed its limit (params.yaml, limits): the run
+    ends TimedOut, and the command line says so in one line."""
+
+
+class FlowTimeLimit(TimeLimit):
+    """The training flow run passed limits.flow_minutes."""
+
+
+def task_limit(minutes: float, deadline: float | None) -> float | None:
+    """A task's timeout_seconds: its own limit (limits section), cut to what is left of the
+    flow's. A task whose limit outlasted the flow's would turn the flow's interruption into
+    its own TimedOut (Prefect's nested timeouts), reporting the wrong limit."""
+    own = LimitsConfig.seconds(minutes)
+    left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+    return min(x for x in (own, left) if x is not None) if (own or left) else None
+
+
+def _pipeline(
+    root: Path, overrides: list[str], force: bool, dvc_remote: str | None, deadline: float | None
+) -> dict:
+    """The training flow's body (see `training_pipeline`)."""
     from flows.events import decision_event, emit_model_event
     from flows.lineage import model_code_hash
     from flows.registry import matching_version, registered_model_name
 
     logger = get_run_logger()
-    root = Path(workdir).resolve()
-    overrides = list(overrides or [])
-    load_params(root / workspace.PARAMS_NAME, overrides)  # refuse bad values before any work
     client = tracking.connect(tracking.resolve_uri(root))
     tracking.ensure_reachable(client)  # an unreachable backend fails here, not after training
     holder = tracking.prefect_context() | {"workspace": str(root)}
@@ -392,7 +442,7 @@ def training_pipeline(
             )
             emit_model_event("vae.model.up-to-date", name, match, made_from)
             return result
-        out = _train_evaluate_register(root, params, overrides, client, lineage)
+        out = _train_evaluate_register(root, params, overrides, client, lineage, deadline)
     _publish(out, client)
     reg, gate = out["reg"], out["gate"]
     logger.info(

@@ -39,6 +39,7 @@ promote: {mode: enabled, floor_nll: 250.0, margin_nats: 0.1, bootstrap_samples: 
   confidence: 0.95}
 drift: {alpha: 0.01, min_mean_shift_nats: 2.0, max_tail_share: 0.05, bootstrap_samples: 2000,
   confidence: 0.95}
+limits: {flow_minutes: 720.0, train_minutes: 600.0, evaluate_minutes: 120.0}
 """)
 
 
