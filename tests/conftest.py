@@ -1,13 +1,7 @@
 """Session-wide fixtures: the shared Prefect API, pipeline workspaces (a git + DVC copy of this
-project, prepared once and copied per test), and real server subprocesses that are always
-stopped.
-
-No mocks: flows run against a real Prefect server (the test harness, or `prefect server start`),
-MLflow writes to a real SQLite store or a real `mlflow server`, and DVC runs as the real CLI.
-The plain helpers these fixtures use live in tests/helpers.py, which test modules import.
-"""
-
-from __future__ import annotations
+project, prepared once and copied per test), and server subprocesses that are always stopped.
+No mocks: real Prefect and MLflow servers or stores, the real `dvc` CLI. The plain helpers
+these fixtures use live in tests/helpers.py, which test modules import."""
 
 import os
 import shutil
@@ -30,23 +24,12 @@ WORKSPACE_PACKAGES = ("experiments", "flows", "vae_core")
 #: repro`, so runs that override only train/model/evaluate/promote keys find the data stages
 #: up to date.
 TINY_PARAMS = (
-    "classifier.epochs=1",
-    "data.val_size=200",
-    "train.device=cpu",
-    "train.epochs=1",
-    "train.batch_size=256",
-    "train.patience=0",
-    "model.hidden_sizes=[32]",
-    "model.latent_dim=2",
-    "evaluate.iwae_k=2",
-    "evaluate.iwae_test_size=50",
-    "evaluate.num_samples=50",
+    "classifier.epochs=1", "data.val_size=200", "train.device=cpu", "train.epochs=1",
+    "train.batch_size=256", "train.patience=0", "model.hidden_sizes=[32]", "model.latent_dim=2",
+    "evaluate.iwae_k=2", "evaluate.iwae_test_size=50", "evaluate.num_samples=50",
     "promote.bootstrap_samples=20",
     "promote.floor_nll=1000",  # a one- or two-epoch model (~210 nats) meets it
-)
-
-
-# --------------------------------------------------------------------------- Prefect
+)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -60,9 +43,6 @@ def prefect_harness() -> Iterator[str]:
     # Prefect's own startup timeout (30 s) is too short for a busy CI machine with two cores.
     with prefect_test_harness(server_startup_timeout=120):
         yield str(prefect.settings.PREFECT_API_URL.value())
-
-
-# --------------------------------------------------------------------------- workspaces
 
 
 def make_workspace(root: Path) -> Path:
@@ -143,9 +123,6 @@ def module_workspace(prepared_workspace: Path, tmp_path_factory) -> Callable[[st
     return _copies(prepared_workspace, lambda name: tmp_path_factory.mktemp(name) / "ws")
 
 
-# --------------------------------------------------------------------------- MLflow
-
-
 @pytest.fixture(scope="module")
 def isolated_mlflow_uri() -> Iterator[None]:
     """Give back MLflow's process-global tracking URI (and MLFLOW_TRACKING_URI, which
@@ -164,9 +141,6 @@ def isolated_mlflow_uri() -> Iterator[None]:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = saved_env
-
-
-# --------------------------------------------------------------------------- subprocesses
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,7 @@
-"""Everything more than one test module needs, written once: synthetic IDX folders, folder
-digests, the child-process environment, the real `dvc` CLI, in-process DVC stages, ports,
-child processes that are always stopped, waiting on a condition (never on a fixed time),
-the Prefect REST API, the MLflow server command line and the pickle payload of the security
-checks. Test modules import it (`from helpers import ...`); conftest files turn the stateful
-parts into fixtures."""
-
-from __future__ import annotations
+"""Everything more than one test module needs, written once (`from helpers import ...`):
+synthetic IDX folders, digests, the child-process environment, the `dvc` CLI and in-process
+stages, ports, child processes that are always stopped, waiting on a condition (never on a fixed
+time), the Prefect REST API, the MLflow server command and the security checks' pickle payload."""
 
 import contextlib
 import hashlib
@@ -30,6 +26,7 @@ import pytest
 
 # The synthetic IDX folders: the experiments' dry runs write the same ones.
 from experiments.tiny_mnist import write_idx_folder as write_idx_folder
+from vae_core.config import VAEConfig  # standard library only: no torch here
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
@@ -51,9 +48,6 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-# --------------------------------------------------------------------------- data
-
-
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` by relative path ({} when it does not exist):
     compares trees byte for byte."""
@@ -65,9 +59,6 @@ def tree_digest(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and not p.is_symlink()
     }
-
-
-# --------------------------------------------------------------------------- child processes
 
 
 def bin_path(name: str) -> str:
@@ -91,25 +82,15 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def run_dvc(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """The real ``dvc`` CLI in ``root``."""
+    cmd = [bin_path("dvc"), *args]
     return subprocess.run(
-        [bin_path("dvc"), *args],
-        cwd=root,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        cmd, cwd=root, env=child_env(), capture_output=True, text=True, timeout=timeout
     )
 
 
 def git(root: Path, *args: str) -> str:
-    out = subprocess.run(
-        ["git", "-c", "user.name=pytest", "-c", "user.email=pytest@localhost", *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip()
+    cmd = ["git", "-c", "user.name=pytest", "-c", "user.email=pytest@localhost", *args]
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def run_stage(
@@ -179,14 +160,9 @@ def spawn(name: str, cmd: Sequence[str], log: Path, env: dict[str, str], cwd: Pa
     """Start ``cmd`` in its own process group, stdout and stderr into ``log``."""
     log_file = log.open("wb")
     popen = subprocess.Popen(
-        list(cmd),
-        cwd=cwd,
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+        list(cmd), cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
     return Proc(name, popen, log, log_file)
 
 
@@ -221,9 +197,6 @@ def wait_for_http(url: str, proc: Proc, timeout_s: float, expect: str | None = N
     wait_for(f"{url} to answer", answers, timeout_s, proc, every_s=0.5)
 
 
-# --------------------------------------------------------------------------- servers
-
-
 def mlflow_server_cmd(root: Path, port: int) -> list[str]:
     """`mlflow server` on loopback, SQLite in ``root``, artifacts proxied, one worker."""
     return [
@@ -236,6 +209,14 @@ def mlflow_server_cmd(root: Path, port: int) -> list[str]:
 #: The MLflow server's environment: no job runner (the pipeline needs none, and it would start
 #: seven extra worker processes).
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def start_mlflow_server(start_process, name: str, root: Path, port: int) -> Proc:
+    """`mlflow_server_cmd(root, port)` started by the ``start_process`` fixture, once it answers."""
+    cmd, env = mlflow_server_cmd(root, port), child_env(**MLFLOW_SERVER_ENV)
+    proc = start_process(name, cmd, env=env, cwd=root)
+    wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=180)
+    return proc
 
 
 #: How often a call answered 503 is sent again before the test fails.
@@ -274,19 +255,12 @@ def prefect_client_env(server: SimpleNamespace, tmp: Path, **extra: str) -> dict
 def deployment_runs(server: SimpleNamespace, deployment: dict, serve: Proc) -> list[dict]:
     """Every flow run of ``deployment``; a failed or crashed one fails the test at once, with
     the serving process's log."""
-    found = prefect_api(
-        server,
-        "POST",
-        "/flow_runs/filter",
-        {"deployments": {"id": {"any_": [deployment["id"]]}}, "limit": 200},
-    )
+    body = {"deployments": {"id": {"any_": [deployment["id"]]}}, "limit": 200}
+    found = prefect_api(server, "POST", "/flow_runs/filter", body)
     bad = [r for r in found if r["state_type"] in ("FAILED", "CRASHED")]
     if bad:
         pytest.fail(f"a scheduled run ended {bad[0]['state_name']}:\n{serve.tail(150)}")
     return found
-
-
-# --------------------------------------------------------------------------- security
 
 
 class Payload:
@@ -309,10 +283,6 @@ def payload_module(marker: Path):
 
     return PayloadModule()
 
-
-# --------------------------------------------------------------------------- models
-
-from vae_core.config import VAEConfig  # noqa: E402 - standard library only: no torch here
 
 #: Burda's two-stochastic-layer model, small: z1 of 6 units, the top layer z2 of 3.
 TWO_LAYER = VAEConfig(

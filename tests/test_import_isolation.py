@@ -78,9 +78,8 @@ def test_no_import_cycles_between_project_modules():
 
 
 def test_training_never_imports_evaluation():
-    """The library's layers point one way: evaluation may load models through training, but
-    training (the trainer's IWAE validation included) reaches nothing of evaluation, directly
-    or through another module, at the top or inside a function."""
+    """Evaluation may load models through training, but training (its IWAE validation included)
+    reaches nothing of evaluation, directly or not, at the top or inside a function."""
     graph = _project_imports(Path(__file__).resolve().parents[1])
     training = sorted(m for m in graph if m.split(".")[:2] == ["vae_core", "training"])
     assert "vae_core.training.trainer" in training

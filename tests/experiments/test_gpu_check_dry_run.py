@@ -2,13 +2,10 @@
 with mlflow, prefect, dvc, ruamel.yaml, filelock and mlxtend unimportable as on the GPU machine,
 so a broken import or a missing file shows here rather than in that machine's few minutes."""
 
-from __future__ import annotations
-
 import math
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 from helpers import REPO_ROOT
@@ -16,29 +13,17 @@ from helpers import REPO_ROOT
 NOT_ON_THE_GPU_BOX = ("mlflow", "prefect", "dvc", "ruamel", "filelock", "mlxtend")
 STEPS = ("env", "data", "tests", "bench", "eval-bench", "reproduce")
 FIGURES = (
-    "torch_threads",
-    "cuda_available",
-    "matmul_fp32_gflops",
-    "matmul_bf16_gflops",
-    "baseline_samples_per_second",
-    "project_samples_per_second",
-    "project_fraction_of_fp32_matmul",
-    "project_fraction_of_bf16_matmul",
-    "baseline_fraction_of_bf16_matmul",
-    "time_to_target_speedup",
-    "iwae_k5_n20_seconds",
-    "iwae_k5_n20_nll_iwae",
-    "seed_mlp_test_nll",
-    "best_test_nll",
-    "step_reproduce_seconds",
+    "torch_threads", "cuda_available", "matmul_fp32_gflops", "matmul_bf16_gflops",
+    "baseline_samples_per_second", "project_samples_per_second",
+    "project_fraction_of_fp32_matmul", "project_fraction_of_bf16_matmul",
+    "baseline_fraction_of_bf16_matmul", "time_to_target_speedup", "iwae_k5_n20_seconds",
+    "iwae_k5_n20_nll_iwae", "seed_mlp_test_nll", "best_test_nll", "step_reproduce_seconds",
     "gpu_check_seconds",
-)
+)  # fmt: skip
 
 
 @pytest.mark.slow  # 20 s on two idle cores
-def test_every_step_runs_and_reports_its_figures_without_the_orchestration_packages(
-    tmp_path: Path,
-) -> None:
+def test_every_step_runs_and_reports_its_figures_without_the_orchestration_packages(tmp_path):
     blocked = tmp_path / "blocked"
     for name in NOT_ON_THE_GPU_BOX:
         (blocked / name).mkdir(parents=True)

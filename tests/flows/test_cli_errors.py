@@ -1,14 +1,15 @@
 """The command line's error contract: the project's own errors (VaeError) are one line and exit
 status 2; anything else is a bug or a library failure and keeps its traceback."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import pytest
 
-from flows import cli
+from flows import cli, dvc_runner, lineage, model_io, params, promotion, registry, sweep, tracking
+from vae_core import config
+from vae_core.data import errors as data_errors
 from vae_core.errors import VaeError
+from vae_core.training import checkpoint, trainer
 
 
 def test_project_errors_are_one_line_with_status_2(tmp_path: Path, capsys) -> None:
@@ -31,11 +32,6 @@ def test_other_errors_keep_their_traceback(monkeypatch, tmp_path: Path) -> None:
 
 
 def test_every_project_error_class_derives_from_vae_error() -> None:
-    from flows import dvc_runner, lineage, model_io, params, promotion, registry, sweep, tracking
-    from vae_core import config
-    from vae_core.data import errors as data_errors
-    from vae_core.training import checkpoint, trainer
-
     errors = [dvc_runner.DvcError, lineage.LineageError, model_io.ModelLoadError]
     errors += [params.ParamsError, promotion.GateError, registry.RegistryError, sweep.SweepError]
     errors += [tracking.TrackingUnavailable, config.ConfigError, data_errors.DataError]

@@ -1,11 +1,6 @@
-"""The DVC stages, end to end with the real ``dvc`` CLI in a scratch project, and each bad
-input through the stage entry point: a clear ``error:`` line, exit status 2, nothing lost. `dvc
-metrics show` and `dvc plots show` print each stage's figures, as the stage recorded them.
-
-The whole pipeline runs once per module (``baseline``, one classifier epoch); a test that
-changes the project works on a copy of it, so the tests pass in any order."""
-
-from __future__ import annotations
+"""The DVC stages end to end with the real ``dvc`` CLI in a scratch project, reproduced once
+per module (``baseline``; a test that changes the project works on a copy), and each bad input
+through the stage entry point: a clear ``error:`` line, exit status 2, nothing lost."""
 
 import json
 import shutil
@@ -18,6 +13,7 @@ import pytest
 import yaml
 from helpers import REPO_ROOT, run_dvc, run_stage, tree_digest, write_idx_folder
 
+from flows import workspace
 from flows.lineage import LineageError, data_lineage
 from flows.params import write_params
 
@@ -122,9 +118,7 @@ def data_stages(project: Path) -> dict:
     return {name: stages_lock[name] for name in ("fetch", "prepare")}
 
 
-def test_bad_inputs_fail_clearly_and_checkout_restores(
-    baseline, project: Path, tmp_path: Path
-) -> None:
+def test_bad_inputs_fail_clearly_and_checkout_restores(baseline, project, tmp_path):
     params_text = (project / "params.yaml").read_text()
     pinned = data_stages(project)
     write_idx_folder(tmp_path / "idx", 1000, 200)
@@ -160,9 +154,7 @@ def test_bad_inputs_fail_clearly_and_checkout_restores(
     assert "up to date" in status.stdout, status.stdout
 
 
-def test_a_folder_source_and_new_bytes_behind_it_rerun_both(
-    baseline, project: Path, tmp_path: Path
-) -> None:
+def test_a_folder_source_and_new_bytes_behind_it_rerun_both(baseline, project, tmp_path):
     """Another source reruns fetch and prepare; the same path with new files behind it (a new
     release lands) too; the same bytes again run only the source fingerprint."""
     folder = tmp_path / "incoming"
@@ -273,9 +265,8 @@ NO_FIT = "data.val_size = 1000 and data.holdout_size = 100 do not fit the traini
 def test_each_bad_input_is_a_clear_error_and_keeps_outputs(
     good_outputs: Path, tmp_path: Path, name: str, override: str, message: str
 ) -> None:
-    """One bad input of each kind (the data, the source, a value, values that do not fit the
-    data) through the stage entry point; every malformed file has its message checked where it
-    is read (tests/vae_core/test_idx.py, test_sources.py)."""
+    """One bad input of each kind through the stage entry point; every malformed file has its
+    message checked where it is read (tests/vae_core/test_idx.py, test_sources.py)."""
     root = Path(shutil.copytree(good_outputs, tmp_path / "stages"))
     before = {d: tree_digest(root / d) for d in ("fetch", "prepare")}
     write_idx_folder(root / "bad", 1000, 200)
@@ -290,8 +281,6 @@ def test_each_bad_input_is_a_clear_error_and_keeps_outputs(
 
 
 def test_workspace_paths_are_the_ones_dvc_yaml_writes() -> None:
-    from flows import workspace
-
     assert workspace.raw_dir(".", "kmnist").as_posix() == "data/raw/kmnist"
     assert workspace.processed_dir("/w", "mnist") == Path("/w/data/processed/mnist")
     stages_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]

@@ -1,14 +1,8 @@
 """MLflow 3 conventions, against a real SQLite backend: the evaluation's figures are metrics of
-the logged model (what the experiment's Models tab and `mlflow.search_logged_models` show), each
-linked to the split it was measured on; the test and holdout splits are the run's evaluation
-inputs beside the training data; logging warns about nothing (dataset source, predict hints).
-
-Also what a run logs as metrics (flows/run_record.py): figures under their sections, never a
-setting, nothing twice; and every number a real evaluation returns has a name (a figure's MLflow
-name, or a declared setting or count), so run_record's table cannot fall behind evaluate_model.
-"""
-
-from __future__ import annotations
+the logged model, each linked to the split it was measured on; the test and holdout splits are
+the run's evaluation inputs; logging warns about nothing. Also what a run logs as metrics
+(flows/run_record.py), and that every number a real evaluation returns has a name, so
+run_record's table cannot fall behind evaluate_model."""
 
 import json
 import warnings
@@ -20,6 +14,7 @@ import pytest
 import torch
 
 from flows import run_record, tracking, workspace
+from flows.events import decision_event
 from flows.model_io import log_vae
 from flows.params import SECTIONS, Params
 from flows.pipeline import evaluate
@@ -130,11 +125,8 @@ def test_evaluation_figures_are_the_logged_models_metrics_on_their_splits(store)
     contexts = {
         i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs
     }
-    assert contexts == {
-        "mnist-processed": "training",
-        "mnist-test": "evaluation",
-        "mnist-holdout": "evaluation",
-    }
+    evaluation = dict.fromkeys(("mnist-test", "mnist-holdout"), "evaluation")
+    assert contexts == {"mnist-processed": "training", **evaluation}
     datasets = {i.dataset.name: i.dataset for i in inputs}
     assert datasets["mnist-processed"].digest == lineage["processed_md5"]
     assert str(processed) in datasets["mnist-processed"].source
@@ -222,14 +214,9 @@ def test_evaluation_keeps_figures_drops_settings_counts_and_labels_and_names_no_
     dropped |= {"latent_dim": 20, "active_units_threshold": 0.01, "sq_kid_subset_size": 500}
     dropped |= {"sq_label_frac_3": 0.1, "sq_ref_label_frac_3": 0.1, "holdout_num_examples": 500}
     dropped |= {"data_variant": "binarized"}
-    assert run_record.evaluation_figures(figures | dropped) == {
-        "test/nll_iwae": 90.0,
-        "test/active_units": 17.0,
-        "sample_quality/fd": 12.0,
-        "sample_quality/ref_fd": 3.0,
-        "holdout/nll_iwae": 91.0,
-        "time/eval_seconds": 4.0,
-    }
+    named = {"test/nll_iwae": 90.0, "test/active_units": 17.0, "sample_quality/fd": 12.0}
+    named |= {"sample_quality/ref_fd": 3.0, "holdout/nll_iwae": 91.0, "time/eval_seconds": 4.0}
+    assert run_record.evaluation_figures(figures | dropped) == named
     # A figure without a name is an error naming it.
     metrics = {"test_nll_iwae": 90.0, "iwae_k": 100, "sq_sharpness": 0.7}
     with pytest.raises(run_record.UnnamedFigureError, match="'sq_sharpness' = 0.7"):
@@ -273,6 +260,4 @@ def test_the_description_names_the_figure_that_chose_the_weights(by_iwae) -> Non
     ],
 )
 def test_only_a_gate_that_acted_promotes_or_rejects(gate: dict, event: str) -> None:
-    from flows.events import decision_event
-
     assert decision_event(gate) == event

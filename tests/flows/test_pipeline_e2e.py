@@ -1,6 +1,5 @@
-"""The `training-pipeline` flow end to end, no mocks: the session's Prefect test harness, a
-copy of the session's prepared git + DVC workspace (its data stages have nothing to do) with its
-SQLite MLflow store, and the `vae-pipeline` commands people use.
+"""The `training-pipeline` flow end to end, no mocks: the Prefect test harness, a copy of the
+prepared workspace with its SQLite MLflow store, and the `vae-pipeline` commands people use.
 
 The scenario runs once, whole, before any test reads it; tiny models (hidden [32], latent 2),
 an untrained one about 100 nats worse than a two-epoch one. A, 0 epochs: v1, champion (first
@@ -10,10 +9,7 @@ again: up to date. F, A with --force: v4, rejected. X, 0 epochs, disabled: v5. M
 promotes v3, tries again (refused), rolls back to v2. K: `vae-pipeline run` of changed model
 code in another process registers v6 and is SIGKILLed while it waits for the registry lock the
 test holds; R, A again once the change is undone, closes K's books and is up to date with v4.
-Tests only read, so they pass in any order.
-"""
-
-from __future__ import annotations
+Tests only read, so they pass in any order."""
 
 import contextlib
 import io
@@ -25,17 +21,27 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow
+import numpy as np
 import pytest
 import yaml
 from helpers import git, prefect_client_env, spawn, wait_for
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from PIL import Image
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 
 from flows import promotion, workspace
 from flows.alias_log import read_history, registry_lock
 from flows.cli import main as cli_main
 from flows.lineage import data_lineage, model_code_hash
+from flows.model_io import load_vae
 from flows.params import load_params
 from flows.pipeline import training_pipeline
 from flows.registry import promote_version
+from vae_core.evaluation.images import grid_size
 
 pytestmark = pytest.mark.slow
 
@@ -113,8 +119,6 @@ def killed_after_registering(ws: Path, client, prefect_api: str, logs: Path) -> 
 
 @pytest.fixture(scope="module")
 def scenario(prefect_harness, isolated_mlflow_uri, module_workspace, tmp_path_factory):
-    from mlflow import MlflowClient
-
     ws = module_workspace("pipeline-e2e")
     lock_before = (ws / "dvc.lock").read_bytes()
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
@@ -231,8 +235,6 @@ def test_a_worse_run_is_rejected_on_paired_holdout_figures(scenario) -> None:
 
 
 def test_unchanged_is_up_to_date_until_forced_and_training_is_deterministic(scenario) -> None:
-    from flows.model_io import load_vae
-
     u = scenario.u
     assert (u.gate["decision"], u.gate["applied"], u.run_id) == ("up-to-date", False, None)
     assert u.model == {"name": MODEL, "version": "1"}
@@ -360,10 +362,6 @@ def test_params_metrics_artifacts_figure_notes_and_images_by_step_are_logged(sce
 
 
 def test_prefect_flow_runs_artifacts_and_an_event_for_each_decision(scenario) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
-
     # Each run's event (other modules emit the same names for their own versions); dry-run,
     # stale and disabled are all "gated".
     wanted = {"a": "promoted 1", "d": "gated 2", "s": "gated 3", "u": "up-to-date 1"}
@@ -425,12 +423,6 @@ def test_prefect_flow_runs_artifacts_and_an_event_for_each_decision(scenario) ->
 
 
 def test_sample_from_the_champion(scenario, tmp_path: Path, capsys) -> None:
-    import mlflow
-    import numpy as np
-    from PIL import Image
-
-    from vae_core.evaluation.images import grid_size
-
     out = tmp_path / "grid" / "x.png"
     argv = ["sample", "--model", f"models:/{MODEL}@champion", "-n", "16", "--out", str(out)]
     assert cli_main([*argv, "--workdir", str(scenario.ws)]) == 0
@@ -477,9 +469,6 @@ def test_changed_model_code_retrains_and_a_dead_run_s_books_are_closed(scenario)
     the model code had changed. It died holding the workspace after registering; the next run
     marked its MLflow run FAILED and its flow run CRASHED, deleted its version, moved no alias,
     put the workspace back, and found itself up to date once the code was as before."""
-    from mlflow.exceptions import MlflowException
-    from prefect.client.orchestration import get_client
-
     k, client = scenario.k, scenario.client
     assert k.version == "6"
     same = ("dvc.processed_md5", "params.hash")

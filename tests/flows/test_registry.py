@@ -1,13 +1,9 @@
 """The MLflow model and the registry against a real MLflow backend (a copy of the session's
 initialised SQLite store, local artifacts).
 
-Two tiny VAEs (hidden [16], latent 2) whose decoders predict a constant pixel probability
-differ clearly in NLL on sparse binary images: good (p = 0.1, the data's rate) < bad (p = 0.5).
-They are logged once per module; each test registers them under its own model name, so tests
-do not see each other's aliases. The gate's dry-run and disabled modes, a rejection and a stale
-decision are checked through whole pipeline runs (test_pipeline_e2e)."""
-
-from __future__ import annotations
+Two tiny VAEs whose decoders predict a constant pixel probability differ clearly in NLL on
+sparse binary images: good (p = 0.1, the data's rate) < bad (p = 0.5). Each test registers them
+under its own model name. The gate's other modes and decisions: test_pipeline_e2e."""
 
 import json
 import math
@@ -105,14 +101,12 @@ def _gate(client, name, version, champion_version, floor=1e6):
 #: Each architecture and likelihood: VAEConfig fields, and the data variant trained on.
 TANH = {"hidden_sizes": [16, 16], "activation": "tanh"}
 MLP2 = {"architecture": "mlp2", "latent_dim": 6, "top_hidden_sizes": [8], "top_latent_dim": 3}
+CB = {"hidden_sizes": [16], "likelihood": "continuous_bernoulli"}
 VARIANTS = {
     "burda-one-layer": (TANH | {"latent_dim": 5}, "binarized"),
     "burda-two-layer": (TANH | MLP2, "binarized"),
     "conv": ({"architecture": "conv", "hidden_sizes": [16]}, "binarized"),
-    "continuous-bernoulli": (
-        {"hidden_sizes": [16], "likelihood": "continuous_bernoulli"},
-        "continuous",
-    ),
+    "continuous-bernoulli": (CB, "continuous"),
 }
 
 
@@ -120,10 +114,8 @@ VARIANTS = {
 def test_each_model_variant_is_logged_registered_and_served_without_pickle(
     backend, kind, name, tmp_path
 ):
-    """Each architecture and likelihood goes through logging, the registry and serving: the
-    logged files hold safetensors weights and the served code, no pickle; the version loaded
-    back (`runs:/`, `models:/name/1`) has the very weights, and as a pyfunc reconstructs,
-    encodes and scores like the VAE."""
+    """Each architecture and likelihood through logging, the registry and serving: safetensors
+    and the served code, no pickle; the very weights loaded back; a pyfunc that scores alike."""
     fields, variant = VARIANTS[kind]
     config = VAEConfig(**{"latent_dim": 2} | fields)
     model, arch = build_vae(config, seed=0).eval(), (config.architecture, config.likelihood)
@@ -186,9 +178,7 @@ def test_register_two_versions(backend, logged, name):
 
 
 def test_the_gate_keeps_out_what_misses_the_floor_and_promotes_a_better_one(backend, logged, name):
-    """A first version above the floor is not champion; one meeting it is; a better one
-    becomes champion, the old one previous-champion, with the gate's figures. A worse one
-    stays out: checked through a pipeline run (test_pipeline_e2e, run F)."""
+    """A worse one staying out is checked through a pipeline run (test_pipeline_e2e, run F)."""
     client = backend.client
     v1 = _register(logged, "bad", name)  # p = 0.5: 784 ln 2 = 543 nats per image
     assert not _gate(client, name, v1, None, floor=100.0).promote
@@ -238,8 +228,7 @@ def test_gate_rules_on_paired_figures():
 
 
 def test_manual_moves_refusals_and_the_history_table(backend, logged, name):
-    """What cannot be done is refused; what is done is one history row per alias move. The
-    tags and descriptions of manual moves are checked through the CLI (test_pipeline_e2e)."""
+    """The tags and descriptions of manual moves are checked through the CLI (test_pipeline_e2e)."""
     client = backend.client
     v1 = _register(logged, "good", name)
     v2 = _register(logged, "bad", name)

@@ -17,11 +17,20 @@ from vae_core.data.idx import write_idx
 
 
 @pytest.fixture
-def workdir(tmp_path, empty_mlflow_db):
-    """A project folder with params.yaml and an MLflow store that registered nothing."""
+def workdir(tmp_path, empty_mlflow_db, monkeypatch):
+    """A project folder with params.yaml and an MLflow store that registered nothing (its own:
+    not a server or store another test left in MLFLOW_TRACKING_URI)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
     shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
     return tmp_path
+
+
+def error_line(stderr: str) -> str:
+    """The one `error: ...` line, and no traceback (other lines are libraries' own logs)."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
 
 
 def _npy(path, array):
@@ -76,9 +85,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(workdir, tmp_path, capsys, c
     path = make(data)
     out = tmp_path / "scores.parquet"
     code = main(["score", "--input", str(path), "--out", str(out), "--workdir", str(workdir)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
-    assert expected in err
+    err = error_line(capsys.readouterr().err)
+    assert code == 2 and expected in err, err
     assert not out.exists() and not (workdir / "scores").exists()
 
 
@@ -90,8 +98,8 @@ def test_a_model_uri_that_does_not_exist_is_one_line_exit_2(workdir, tmp_path, c
     ):
         args = ["score", "--input", str(images), "--workdir", str(workdir)]
         code = main(args + (["--model", model] if model else []))
-        err = capsys.readouterr().err.strip()
-        assert code == 2 and expected in err and "\n" not in err, err
+        err = error_line(capsys.readouterr().err)
+        assert code == 2 and expected in err, err
     assert not (workdir / "scores").exists()
 
 

@@ -1,16 +1,10 @@
-"""`vae-pipeline sweep` end to end, with no mocks: a real local Dask cluster of two worker
-processes, the session's real Prefect API (the test harness), a real MLflow SQLite store in a
-copy of the session's prepared git + DVC workspace (its data stages have nothing to do).
+"""`vae-pipeline sweep` end to end, no mocks: a local Dask cluster of two worker processes, the
+session's Prefect API and an MLflow SQLite store in a copy of the prepared workspace.
 
-The scenario (run once for the module): a three-trial grid of one-epoch trainings of tiny
-models, one of which (KL weight 1e38: the loss overflows float32 at the first step) fails, runs
-on the Dask cluster through `run_sweep`; then the same sweep runs again through the `sweep`
-subcommand, which must reuse every trial, and once more on threads with `retry_failed`, which
-must run the failed trial only. Each test reads one aspect back from MLflow, the registry or
-Prefect. The sweep's definition and plan are checked without running in test_sweep_spec.
-"""
-
-from __future__ import annotations
+The scenario runs once for the module: a three-trial grid of one-epoch trainings (one trial
+fails) on the Dask cluster through `run_sweep`; the same sweep through the `sweep` subcommand,
+which must reuse every trial; once more on threads with `retry_failed`, which must run the
+failed trial only. The definition and plan are checked without running in test_sweep_spec."""
 
 import contextlib
 import importlib
@@ -20,6 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from distributed import Client, LocalCluster
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter as Artifacts
+from prefect.client.schemas.filters import ArtifactFilterFlowRunId as ArtifactFlowRuns
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
 from flows.cli import main
 from flows.sweep.flow import child_runs, local_cluster_kwargs, run_sweep
@@ -59,8 +59,6 @@ def snapshot(client, experiment_id: str, parent_id: str) -> dict[str, tuple]:
 def dask_cluster(isolated_mlflow_uri):
     """A real single-machine Dask cluster: two worker processes of one thread each. Started
     after the MLflow URI is reset, so the workers inherit no other module's tracking URI."""
-    from distributed import Client, LocalCluster
-
     with LocalCluster(**local_cluster_kwargs(2)) as cluster, Client(cluster) as client:
         # Import the code while the Prefect server starts, as a long-lived cluster would have.
         warm = [
@@ -74,8 +72,6 @@ def dask_cluster(isolated_mlflow_uri):
 
 @pytest.fixture(scope="module")
 def scenario(dask_cluster, prefect_harness, isolated_mlflow_uri, module_workspace):
-    from mlflow import MlflowClient
-
     ws = module_workspace("sweep")
     (ws / "sweep-tiny.yaml").write_text(SWEEP)
     address = dask_cluster.scheduler_address
@@ -150,7 +146,6 @@ def test_trials_are_child_runs_with_the_same_keys_only_the_forced_one_fails(scen
         names = {a.path for a in scenario.client.list_artifacts(run.info.run_id, "evaluation")}
         assert "evaluation/per_example_nll.npy" in names
 
-    # The forced failure is a failed child; the others complete.
     failed = runs[FAILING]
     assert (failed.info.status, failed.data.params["train.beta"]) == ("FAILED", "1.0e+38")
     assert failed.data.tags["failure.reason"].startswith("NonFiniteLossError: training loss")
@@ -248,11 +243,6 @@ def test_rerun_reuses_finished_trials(scenario) -> None:
 
 
 def test_prefect_flow_runs_tasks_and_table_artifact(scenario) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter as Artifacts
-    from prefect.client.schemas.filters import ArtifactFilterFlowRunId as ArtifactFlowRuns
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
-
     first_id = scenario.first["flow_run_id"]
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(first_id)

@@ -2,14 +2,14 @@
 and random draws, refused definitions, trial keys, what a rerun reuses, the task runners (the
 sweep itself runs in test_sweep)."""
 
-from __future__ import annotations
-
 import json
 import math
 
 import pytest
 import yaml
 from helpers import REPO_ROOT
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect_dask import DaskTaskRunner
 
 from flows.params import Params, load_params
 from flows.sweep import SweepError, load_sweep, parse_sweep
@@ -45,7 +45,6 @@ def test_grid_with_a_group_sets_keys_together(base) -> None:
     pairs = {(t.params.model.likelihood, t.params.train.data_variant) for t in trials}
     assert pairs == {("bernoulli", "binarized"), ("continuous_bernoulli", "continuous")}
     assert [t.params.model.latent_dim for t in trials] == [10, 10, 20, 20]
-    # everything not swept is the base's
     assert all(t.params.data == base.data for t in trials)
     assert all(t.params.train.lr == base.train.lr for t in trials)
 
@@ -114,21 +113,13 @@ def test_plan_reuses_finished_keeps_failed_and_resumes_interrupted(base) -> None
         t[3].key: ("r3", "FINISHED", False),  # killed after training, before evaluation ended
         t[4].key: ("r4", "SCHEDULED", False),  # never started
     }
-    assert plan_trials(t, existing) == {
-        0: ("done", "r0"),
-        1: ("keep-failed", "r1"),
-        2: ("resume", "r2"),
-        3: ("resume", "r3"),
-        4: ("resume", "r4"),
-        5: ("new", None),
-    }
+    expected = {0: ("done", "r0"), 1: ("keep-failed", "r1"), 5: ("new", None)}
+    expected |= {i: ("resume", f"r{i}") for i in (2, 3, 4)}
+    assert plan_trials(t, existing) == expected
     assert plan_trials(t, existing, retry_failed=True)[1] == ("new", None)
 
 
 def test_task_runners() -> None:
-    from prefect.task_runners import ThreadPoolTaskRunner
-    from prefect_dask import DaskTaskRunner
-
     threads = task_runner()  # one trial at a time in this process
     assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 1
     assert task_runner(max_workers=3)._max_workers == 3

@@ -1,10 +1,6 @@
-"""flows.tracking: where runs go (resolved once per flow from the user's MLFLOW_TRACKING_URI or
-the workspace, never leaking from one workspace to the next in the same process), and which
-errors mean "the tracking server hiccupped" (the sweep's trial is then resumable and retried)
-rather than a failure of the work itself: the errors MLflow's client and `requests` raise for
-real responses of each status."""
-
-from __future__ import annotations
+"""flows.tracking: where runs go (never leaking from one workspace to the next in the same
+process), and which errors, as MLflow's client and `requests` raise them for real responses,
+mean "the tracking server hiccupped" (the sweep's trial is resumable) rather than a failure."""
 
 import os
 from pathlib import Path

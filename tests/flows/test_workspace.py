@@ -1,12 +1,6 @@
 """The workspace block (`flows.workspace.exclusive`): params.yaml and dvc.lock are put back
-after a failed run, and after a run killed outright (SIGKILL: nothing of its own can run) the
-next run puts them back from the journal and learns who died.
-
-The kill lands at a point the holder reports ("holding": overrides written, journal on disk),
-never on a timer.
-"""
-
-from __future__ import annotations
+after a failed run, and after a run SIGKILLed (at a point the holder reports, never on a timer)
+the next run puts them back from the journal and learns who died."""
 
 import json
 import os
@@ -106,9 +100,7 @@ def test_a_failed_run_puts_the_files_back_itself_a_finished_one_keeps_them(root:
 
 
 @pytest.mark.parametrize("value", ["the clone", None, "", "/nonexistent/clone"])
-def test_the_pull_step_enters_the_clone_the_worker_names_or_refuses(
-    value: str | None, root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_pull_step_enters_the_clone_the_worker_names_or_refuses(value, root, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.delenv("VAE_WORKSPACE", raising=False)
     if value == "the clone":

@@ -1,34 +1,19 @@
-"""Real servers on 127.0.0.1 for the integration tests: one Prefect server for the session
-(`prefect server start`, its own PREFECT_HOME; each test filters by its own deployment) and an
-MLflow tracking server per module (`mlflow server` on SQLite with proxied artifacts: each
-module counts its own registered versions from 1)."""
-
-from __future__ import annotations
+"""Real servers on 127.0.0.1: one Prefect server for the session (each test filters by its own
+deployment) and an MLflow tracking server per module (each counts its versions from 1)."""
 
 from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
-from helpers import (
-    MLFLOW_SERVER_ENV,
-    bin_path,
-    child_env,
-    free_port,
-    mlflow_server_cmd,
-    spawn,
-    wait_for_http,
-)
+from helpers import bin_path, child_env, free_port, spawn, start_mlflow_server, wait_for_http
 
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory) -> Iterator[SimpleNamespace]:
     home = tmp_path_factory.mktemp("prefect-server-home")
     port = free_port()
-    env = child_env(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_UI_ENABLED="false",
-        PREFECT_SERVER_LOGGING_LEVEL="WARNING",
-    )
+    quiet = {"PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+    env = child_env(PREFECT_HOME=str(home), **quiet)
     cmd = [bin_path("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     proc = spawn("prefect-server", cmd, home / "server.log", env, home)
     try:
@@ -41,10 +26,6 @@ def prefect_server(tmp_path_factory) -> Iterator[SimpleNamespace]:
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory, start_process) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = child_env(**MLFLOW_SERVER_ENV)
-    proc = start_process("mlflow-server", mlflow_server_cmd(root, port), env=env, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{url}/health", proc, timeout_s=180)
-    return SimpleNamespace(url=url, root=root, proc=proc)
+    root, port = tmp_path_factory.mktemp("mlflow-server"), free_port()
+    proc = start_mlflow_server(start_process, "mlflow-server", root, port)
+    return SimpleNamespace(url=f"http://127.0.0.1:{port}", root=root, proc=proc)

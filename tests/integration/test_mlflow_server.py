@@ -1,9 +1,6 @@
-"""The pipeline against a real `mlflow server` over HTTP on 127.0.0.1: `MLFLOW_TRACKING_URI`
-sends the run, its artifacts (proxied by the server) and the registered version there, and the
-model loads back from `models:/mnist-vae@champion` over HTTP. Nothing is written to the
-workspace's own SQLite store."""
-
-from __future__ import annotations
+"""The pipeline against a real `mlflow server` over HTTP: the run, its (proxied) artifacts
+and the registered version go there, the model loads back from it, and nothing is written to
+the workspace's own SQLite store."""
 
 import json
 import shutil
@@ -11,7 +8,14 @@ import urllib.parse
 import urllib.request
 from types import SimpleNamespace
 
+import mlflow
 import pytest
+import torch
+
+from flows.cli import main as cli_main
+from flows.lineage import data_lineage
+from flows.model_io import load_vae
+from flows.pipeline import training_pipeline
 
 MODEL = "mnist-vae"
 
@@ -30,14 +34,6 @@ def rest(server: SimpleNamespace, endpoint: str, **query: str) -> dict:
 def test_pipeline_tracks_and_registers_over_http(
     mlflow_server, prefect_harness, isolated_mlflow_uri, pipeline_workspace, monkeypatch, tmp_path
 ) -> None:
-    import mlflow
-    import torch
-
-    from flows.cli import main as cli_main
-    from flows.lineage import data_lineage
-    from flows.model_io import load_vae
-    from flows.pipeline import training_pipeline
-
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     ws = pipeline_workspace("pipeline-http")  # the prepared data: nothing for `dvc repro` to do
     (ws / "mlflow.db").unlink()  # its empty local store: nothing may create one again
@@ -82,7 +78,6 @@ def test_pipeline_tracks_and_registers_over_http(
     assert any(stored.rglob("samples.png"))
     assert any(stored.rglob("model.safetensors"))
 
-    # The registered version and its aliases.
     registered = rest(mlflow_server, "registered-models/get", name=MODEL)["registered_model"]
     aliases = {a["alias"]: a["version"] for a in registered["aliases"]}
     assert aliases == {"champion": "1", "challenger": "1"}

@@ -2,8 +2,6 @@
 Prefect server (`prefect server start` on 127.0.0.1, its own PREFECT_HOME).
 `vae-pipeline serve`'s schedule is tested end to end in test_scheduled_retraining.py."""
 
-from __future__ import annotations
-
 import subprocess
 from pathlib import Path
 
@@ -36,9 +34,8 @@ def test_prefect_yaml_deploys_the_nightly_deployment_to_a_process_pool(
 
     deployment = api(prefect_server, "GET", f"/deployments/name/{FLOW}/nightly")
     assert deployment is not None
-    assert (
-        deployment["entrypoint"] == nightly["entrypoint"] == "flows/pipeline.py:training_pipeline"
-    )
+    entrypoint = "flows/pipeline.py:training_pipeline"
+    assert deployment["entrypoint"] == nightly["entrypoint"] == entrypoint
     assert deployment["work_pool_name"] == "local-process"
     assert deployment["parameters"] == {"workdir": ".", "overrides": []}
     (schedule,) = deployment["schedules"]

@@ -1,14 +1,7 @@
 """A user's scheduled retraining, end to end: `vae-pipeline serve --interval 5` against a real
-`prefect server`, runs tracked on a real `mlflow server` over HTTP, data from a folder of IDX
-files. The served deployment is registered with its schedule and concurrency limit; the first
-scheduled run registers and promotes v1; new IDX files in the folder make the next run train v2
-(new md5 and counts, gated on the new holdout); with nothing changed the next run trains,
-registers and moves nothing; the alias history lists every move in order. Runs are let through
-one phase at a time by resuming the deployment, paused again once a run has started, so the
-data never change under a run: the test waits for states the server reports, never a clock.
-"""
-
-from __future__ import annotations
+`prefect server`, runs tracked on a real `mlflow server`, data from a folder of IDX files. Runs
+are let through one phase at a time (the deployment resumed, then paused once a run started) so
+the data never change under a run: the test waits for states the server reports, not a clock."""
 
 import json
 import subprocess
@@ -24,6 +17,9 @@ from helpers import (
     write_idx_folder,
 )
 from helpers import prefect_api as api
+from mlflow import MlflowClient
+
+from flows.alias_log import read_history
 
 MODEL = "mnist-vae"
 SIZES = {"val": 200, "holdout": 200}
@@ -34,10 +30,6 @@ pytestmark = pytest.mark.slow  # two servers and three scheduled runs
 def test_scheduled_runs_notice_new_data_skip_unchanged_work_and_keep_history(
     prefect_server, mlflow_server, start_process, pipeline_workspace, tmp_path
 ) -> None:
-    from mlflow import MlflowClient
-
-    from flows.alias_log import read_history
-
     ws = pipeline_workspace("scheduled")  # tiny settings in params.yaml; the data are new
     source = tmp_path / "incoming"
     write_idx_folder(source, 1200, 200, seed=1, learnable=True)

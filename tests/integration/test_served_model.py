@@ -1,23 +1,26 @@
-"""The registered VAE served for real: `mlflow models serve -m models:/mnist-vae@champion` in a
-subprocess on 127.0.0.1, asked over HTTP for each method, and sent each kind of bad request.
-
-Every answer is checked against the same VAE rebuilt in this process (`load_vae`), so a method
-that returned the wrong thing (another image, unseeded samples, a different estimator) fails.
-Bad requests must get HTTP 400 with a message naming the field, and the server must go on
-answering afterwards.
-"""
-
-from __future__ import annotations
+"""The registered VAE served for real (`mlflow models serve` on 127.0.0.1) and asked over HTTP:
+each method's answer is checked against the same VAE rebuilt in this process, so a wrong answer
+fails; each bad request gets HTTP 400 naming the field, and the server goes on answering."""
 
 import json
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 from helpers import bin_path, child_env, free_port, wait_for_http
+from mlflow import MlflowClient
+
+from flows.model_io import load_vae, log_vae
+from vae_core.config import TrainConfig, VAEConfig
+from vae_core.data.sources import embedded_csv_path, read_embedded_csv
+from vae_core.evaluation.likelihood import iwae_log_likelihood
+from vae_core.models.factory import build_vae
+from vae_core.models.likelihoods import mean_image
+from vae_core.training import Trainer
 
 MODEL = "mnist-vae"
 pytestmark = pytest.mark.slow  # a model server, and a model trained for three epochs
@@ -25,15 +28,6 @@ pytestmark = pytest.mark.slow  # a model server, and a model trained for three e
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, start_process, isolated_mlflow_uri) -> SimpleNamespace:
-    import mlflow
-    from mlflow import MlflowClient
-
-    from flows.model_io import load_vae, log_vae
-    from vae_core.config import TrainConfig, VAEConfig
-    from vae_core.data.sources import embedded_csv_path, read_embedded_csv
-    from vae_core.models.factory import build_vae
-    from vae_core.training import Trainer
-
     # A small VAE (20 latent units, as the default) after three short epochs on 500 of the
     # embedded MNIST digits: its answers differ by input, unlike an untrained decoder's grey.
     digits, _ = read_embedded_csv(embedded_csv_path())
@@ -65,12 +59,8 @@ def served(tmp_path_factory, start_process, isolated_mlflow_uri) -> SimpleNamesp
 def post(served: SimpleNamespace, body: dict | str) -> tuple[int, dict]:
     """POST /invocations; (status, parsed JSON body), for errors too."""
     data = body if isinstance(body, str) else json.dumps(body)
-    request = urllib.request.Request(
-        f"{served.url}/invocations",
-        data=data.encode(),
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
+    url, headers = f"{served.url}/invocations", {"Content-Type": "application/json"}
+    request = urllib.request.Request(url, data.encode(), headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -85,9 +75,6 @@ def predictions(served: SimpleNamespace, inputs, **params) -> object:
 
 
 def test_each_method_answers_as_the_vae_rebuilt_here(served) -> None:
-    from vae_core.evaluation.likelihood import iwae_log_likelihood
-    from vae_core.models.likelihoods import mean_image
-
     x, vae = served.images, served.vae
     # reconstruct, the default; (B, 784) is accepted too; answers depend on the input.
     expected = vae.reconstruct(x).numpy()
@@ -153,9 +140,7 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize(
     "body, words", [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS]
 )
-def test_bad_requests_get_400_naming_the_field_and_the_server_keeps_serving(
-    served, body, words
-) -> None:
+def test_bad_requests_get_400_naming_the_field_and_the_server_keeps_serving(served, body, words):
     status, answer = post(served, body)
     assert status == 400, answer
     for word in words:

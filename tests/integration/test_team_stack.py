@@ -1,16 +1,9 @@
-"""The team stack for real (`python -m flows.team_stack up|down`): PostgreSQL; an MLflow server on
-it with proxied artifacts and basic auth; a Prefect server on it with the process pool
-`team-process`; a folder as the team's DVC remote `shared`.
-
-Two clones of the project, each a Prefect process worker with its own workspace, run the one
-deployment `team-nightly` (prefect.yaml); they share nothing but the servers and the DVC remote.
-Then the faults, each at a point the system reports, never on a timer: a worker killed while
-its run trains, and PostgreSQL restarted while a sweep runs. The stack starts once for the
-module (about 20 s); the scenario is one test, in order, since each step depends on the registry
-the previous one left. Run alone with `pytest -m team_stack`.
-"""
-
-from __future__ import annotations
+"""The team stack for real (`python -m flows.team_stack up|down`): PostgreSQL, MLflow on it with
+proxied artifacts and basic auth, Prefect on it with the process pool `team-process`, a folder
+as the DVC remote `shared`. Two clones, each a process worker with its own workspace, run the
+deployment `team-nightly`; then the faults, each at a point the system reports, never on a
+timer: a worker killed while its run trains, PostgreSQL restarted while a sweep runs. One test,
+in order (each step depends on the registry the previous one left); `pytest -m team_stack`."""
 
 import json
 import re
@@ -44,9 +37,6 @@ SWEEP = """sweep:
   parameters:
     train.epochs: [1, 20]
 """
-
-
-# --------------------------------------------------------------------------- talking to it
 
 
 def _psql(stack, db: str, sql: str) -> str:
@@ -133,9 +123,6 @@ def _kill_tree(pid: int) -> list[int]:
         proc.kill()
     psutil.wait_procs(procs, timeout=30)
     return [p.pid for p in procs]
-
-
-# --------------------------------------------------------------------------- the stack
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
-"""Reliability and security suite: the summary table. Every test records one row (case | what
-was done | what was observed) through the ``record`` fixture; at the end of the session the rows
-are printed with each test's outcome, so a CI log shows which faults were survived and which
-hostile inputs were refused. Pipeline workspaces come from tests/conftest.py."""
+"""The reliability and security summary table: every test records one row (case | what was done
+| what was observed) through the ``record`` fixture, printed with its outcome at the end of the
+session, so a CI log shows which faults were survived and which hostile inputs were refused."""
 
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
-"""Invalid parameters through the command people type, `vae-pipeline run -S key=value`: each
-is refused before any work starts (the pipeline is never reached, nothing is written in the
-workspace) with one `error:` line naming the key, the value and what is allowed.
-
-One case runs in a child process: exit status 2, one stderr line, no Prefect, MLflow, torch or
-DVC imported, no server contacted; the others call `flows.cli.main` in-process. Every key and
-bound is tested on `load_params` in tests/flows/test_params.py; these are what it does not hold:
-values echoed as typed, source suggestions, the cross-field size check, the `-S` syntax."""
-
-from __future__ import annotations
+"""Invalid parameters through `vae-pipeline run -S key=value`: each is refused before any work
+starts (the pipeline never reached, nothing written) with one `error:` line naming the key, the
+value and what is allowed; one case in a child process, which imports nothing heavy and
+contacts no server. Every key and bound is tested on `load_params` in test_params.py; these are
+what it does not hold: values echoed as typed, suggestions, the cross-field check, `-S` syntax."""
 
 import shutil
 import socket
@@ -19,6 +14,8 @@ from unittest import mock
 
 import pytest
 from helpers import REPO_ROOT, child_env
+
+from flows.cli import main
 
 # (override, fragments the one-line error must contain: key, value, what is allowed)
 CASES = {
@@ -84,8 +81,6 @@ def check_refusal(ws: Path, rc: int, stderr: str, fragments: list[str]) -> None:
 def test_bad_parameter_refused_in_one_line_before_any_work(
     tmp_path: Path, capsys, monkeypatch, record, case: str
 ) -> None:
-    from flows.cli import main
-
     override, fragments = CASES[case]
     ws = workspace(tmp_path / "ws")
 
@@ -105,9 +100,7 @@ def test_bad_parameter_refused_in_one_line_before_any_work(
     check_refusal(ws, rc, stderr, fragments)
 
 
-def test_bad_parameter_child_process_exits_2_without_imports_or_servers(
-    tmp_path: Path, record
-) -> None:
+def test_bad_parameter_child_process_exits_2_without_imports_or_servers(tmp_path, record):
     override, fragments = SUBPROCESS_CASE
     ws = workspace(tmp_path / "ws")
     report = tmp_path / "heavy.txt"
@@ -119,13 +112,8 @@ def test_bad_parameter_child_process_exits_2_without_imports_or_servers(
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         env = child_env(PREFECT_API_URL=f"{url}/api", MLFLOW_TRACKING_URI=url)
         env["HEAVY_REPORT"] = str(report)
-        done = subprocess.run(
-            [sys.executable, "-c", WRAPPER, "run", "--workdir", str(ws), "-S", override],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        cmd = [sys.executable, "-c", WRAPPER, "run", "--workdir", str(ws), "-S", override]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         try:
             listener.accept()[0].close()
             contacted = True

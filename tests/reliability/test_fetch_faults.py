@@ -1,10 +1,7 @@
 """Fetch faults through the one retry layer: the pipeline's `fetch_data` task (real Prefect
-retries, the session's Prefect API) running the real `dvc repro fetch`, whose stage tries the
-source once. The source is an HTTP server on 127.0.0.1 (the mirror) answering what each test
-scripts, reached through a test-only named source that a ``sitecustomize`` module on PYTHONPATH
-registers in the stage's own process (a child of DVC, which nothing else can reach)."""
-
-from __future__ import annotations
+retries) running the real `dvc repro fetch`, whose stage tries the source once. The source is an
+HTTP mirror on 127.0.0.1 answering what each test scripts, a named source that a
+``sitecustomize`` on PYTHONPATH registers in the stage's own process (a child of DVC)."""
 
 import http.server
 import json
@@ -25,17 +22,11 @@ pytestmark = pytest.mark.slow  # starts the Prefect harness and an HTTP server
 
 SITECUSTOMIZE = '''
 """Test-only data source for the fetch stage (see tests/reliability/test_fetch_faults.py)."""
-import os
-import urllib.request
-
-
-def mirror(dataset, staging):
-    """The four files from the HTTP server at MIRROR_URL; urllib's errors as they come."""
+import os, urllib.request
+def mirror(dataset, staging):  # the four files from MIRROR_URL; urllib's errors as they come
     for name in _sources.RAW_FILES.values():
         with urllib.request.urlopen(f"{os.environ['MIRROR_URL']}/{name}", timeout=30) as answer:
             (staging / name).write_bytes(answer.read())
-
-
 if os.environ.get("MIRROR_URL"):
     try:
         from vae_core.data import sources as _sources
@@ -167,9 +158,7 @@ def test_refused_source_is_bad_input_and_not_retried(fetch, mirror_ws, record) -
     assert data_state(mirror_ws.ws) == before
 
 
-def test_source_that_stays_down_fails_after_the_retries_and_keeps_data(
-    fetch, mirror_ws, record
-) -> None:
+def test_source_that_stays_down_fails_after_the_retries_and_keeps_data(fetch, mirror_ws, record):
     before = data_state(mirror_ws.ws)
     state = fetch([503] * 10, "fetch.retries=1", "fetch.backoff_s=0.1")
     error = state.result(raise_on_failure=False)

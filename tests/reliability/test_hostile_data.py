@@ -1,13 +1,8 @@
 """Corrupt and hostile data through the fetch and prepare stages' entry points (what `dvc
-repro` runs): each is refused with one clear `error:` line (exit status 2, no traceback) and
-leaves no partial output: a destination that held good data still holds it byte for byte, a
-destination that did not exist still does not, and no staging folder is left behind.
-
-Beyond tests/vae_core/test_idx.py and tests/flows/test_dvc_stages.py: hostile files meet the
-whole stage, with symlinks, FIFOs, /dev/zero, folders as files, multi-member gzip, float or
-32x32 images, labels as images and tampered raw files."""
-
-from __future__ import annotations
+repro` runs): each is refused with one `error:` line (exit status 2, no traceback) and leaves no
+partial output: good data stays byte for byte, no destination or staging folder is created.
+Beyond test_idx.py and test_dvc_stages.py: hostile files (symlinks, FIFOs, /dev/zero, gzip
+bombs, ...) meet the whole stage."""
 
 import gzip
 import os
@@ -37,8 +32,6 @@ PEAK_LIMIT_MB = 32
 def gz(data: bytes) -> bytes:
     return gzip.compress(data, mtime=0)
 
-
-# --------------------------------------------------------------------------- the hostile files
 
 #: case: fragments the one `error:` line must contain.
 FOLDER_CASES = {
@@ -129,9 +122,6 @@ def break_folder(case: str, folder: Path, tmp: Path) -> str:
     raise AssertionError(case)
 
 
-# --------------------------------------------------------------------------- fixtures
-
-
 @pytest.fixture
 def stage_root(tmp_path: Path) -> Path:
     """params.yaml, a good source folder, and good raw + processed outputs made from it."""
@@ -161,9 +151,6 @@ def leftovers(parent: Path, keep: set[str]) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name not in keep) if parent.exists() else []
 
 
-# --------------------------------------------------------------------------- tests
-
-
 @pytest.mark.timeout(120)  # a hang guard (a FIFO read blocks forever), not a speed limit
 @pytest.mark.parametrize("case", list(FOLDER_CASES))
 def test_hostile_source_folder_refused_nothing_written(stage_root: Path, record, case: str) -> None:
@@ -191,9 +178,6 @@ def test_hostile_source_folder_refused_nothing_written(stage_root: Path, record,
     assert not fresh.exists(), "a refused fetch created its destination"
     assert litter == [], f"staging leftovers: {litter}"
     assert max(peak, peak_fresh) < PEAK_LIMIT_MB, "the file was read in, not refused early"
-
-
-# --------------------------------------------------------------------------- embedded CSV
 
 
 def csv_with(row: int, cells: slice | int, value: list[str] | str) -> bytes:

@@ -1,14 +1,8 @@
-"""SIGKILL during training: `vae-pipeline train --out DIR` killed twice and restarted each time
-resumes from DIR/checkpoints/last.pt and ends with weights identical, tensor for tensor, to an
-uninterrupted run with the same seed (CPU).
-
-Each kill lands where the process stops itself (a hook reports on stderr and SIGSTOPs; the test
-then SIGKILLs), whatever the machine's speed: after training epoch 2, before its checkpoint
-(last.pt: epoch 1); then inside epoch 4's checkpoint write, the temporary file written and not
-renamed (last.pt: epoch 3). A second uninterrupted run tells a resume problem apart from a run
-that is not reproducible at all."""
-
-from __future__ import annotations
+"""SIGKILL during training: `vae-pipeline train --out DIR` killed twice and restarted resumes
+from DIR/checkpoints/last.pt and ends with the weights, tensor for tensor, of an uninterrupted
+run with the same seed (CPU). Each kill lands where the process stops itself (a hook reports on
+stderr and SIGSTOPs), whatever the machine's speed. A second uninterrupted run tells a resume
+problem apart from a run that is not reproducible at all."""
 
 import json
 import os

@@ -1,16 +1,6 @@
 """Faults in a real pipeline run (the session's Prefect API, MLflow's SQLite store in a
-throw-away git + DVC workspace, the real `dvc` CLI):
-- a NaN loss from epoch 2: the run fails, its MLflow run is FAILED with the reason, nothing is
-  registered, and the workspace is left as it was;
-- MLflow unreachable (a closed port): one clear error, nothing registered, the workspace's own
-  store untouched (no silent fallback to it);
-- MLflow dropping out after the version is created: no half-registered version is left;
-- two `vae-pipeline run` at once on one workspace: both finish, one after the other, dvc.lock,
-  data and registry stay consistent, each version with its own run and lineage, and no
-  credential from the environment reaches any file.
-"""
-
-from __future__ import annotations
+throw-away git + DVC workspace, the real `dvc` CLI): a NaN loss, MLflow unreachable or dropping
+out during registration, and two `vae-pipeline run` at once on one workspace."""
 
 import contextlib
 import io
@@ -22,7 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from filelock import FileLock, Timeout
 from helpers import bin_path, child_env, free_port, run_dvc, tree_digest
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+import vae_core.training.trainer as trainer_mod
+from flows.cli import main
+from flows.lineage import data_lineage
+from flows.params import load_params
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +30,6 @@ CANARY = "canary-s3cr3t-8d1f0c"
 
 
 def client_for(ws: Path):
-    from mlflow.tracking import MlflowClient
-
     return MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
 
 
@@ -52,8 +48,6 @@ def runs_of(ws: Path) -> list:
 
 
 def lock_is_free(ws: Path) -> bool:
-    from filelock import FileLock, Timeout
-
     try:
         with FileLock(str(ws / ".vae-pipeline.lock"), timeout=0):
             return True
@@ -73,8 +67,6 @@ def run_cli(argv: list[str]) -> tuple[int | None, str, BaseException | None, flo
     stderr goes to a StringIO that is never closed, not to capsys: Prefect's log handlers keep
     the stream they first saw, and a closed capsys stream breaks the next flow run's logging.
     """
-    from flows.cli import main
-
     err, t0, rc, exc = io.StringIO(), time.monotonic(), None, None
     with contextlib.redirect_stderr(err):
         try:
@@ -84,14 +76,9 @@ def run_cli(argv: list[str]) -> tuple[int | None, str, BaseException | None, flo
     return rc, err.getvalue(), exc, time.monotonic() - t0
 
 
-# --------------------------------------------------------------------------- NaN loss
-
-
 @pytest.fixture(scope="module")
 def nan_run(prefect_harness, isolated_mlflow_uri, module_workspace):
     """One pipeline run whose training loss turns NaN in epoch 2 (of 2)."""
-    import vae_core.training.trainer as trainer_mod
-
     ws = module_workspace("nan")
     before = workspace_state(ws)
     real_loss, real_epoch = trainer_mod.training_loss, trainer_mod.Trainer.train_epoch
@@ -154,9 +141,6 @@ def test_failed_run_leaves_the_workspace_as_it_was(nan_run, record) -> None:
     assert changed == [] and after["lock free"], f"changed: {changed}"
 
 
-# --------------------------------------------------------------------------- MLflow down
-
-
 def test_mlflow_unreachable_is_a_clear_error_and_registers_nothing(
     prefect_harness, isolated_mlflow_uri, pipeline_workspace, monkeypatch, record
 ) -> None:
@@ -190,9 +174,6 @@ def test_mlflow_unreachable_is_a_clear_error_and_registers_nothing(
 def test_mlflow_outage_during_registration_leaves_no_half_registered_version(
     prefect_harness, isolated_mlflow_uri, pipeline_workspace, monkeypatch, record
 ) -> None:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     ws = pipeline_workspace("mlflow-drop")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
@@ -227,34 +208,22 @@ def test_mlflow_outage_during_registration_leaves_no_half_registered_version(
     )
 
 
-# --------------------------------------------------------------------------- concurrency
-
-
 def test_two_runs_at_once_both_finish_and_stay_consistent(
     prefect_harness, isolated_mlflow_uri, pipeline_workspace, tmp_path, record
 ) -> None:
-    from flows.lineage import data_lineage
-    from flows.params import load_params
-
     ws = pipeline_workspace("concurrent")
     before = workspace_state(ws)
-    env = child_env(
-        PREFECT_API_URL=prefect_harness,
-        MLFLOW_TRACKING_USERNAME="pipeline-bot",
-        MLFLOW_TRACKING_PASSWORD=CANARY,
-    )
+    credentials = {"MLFLOW_TRACKING_USERNAME": "pipeline-bot", "MLFLOW_TRACKING_PASSWORD": CANARY}
+    env = child_env(PREFECT_API_URL=prefect_harness, **credentials)
     seeds, t0 = {"A": 1, "B": 2}, time.monotonic()
+    cmd = [bin_path("vae-pipeline"), "run", "--workdir", str(ws), "-S"]
     procs = {
         n: subprocess.Popen(
-            [bin_path("vae-pipeline"), "run", "--workdir", str(ws), "-S", f"train.seed={seed}"],
-            cwd=tmp_path,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=(tmp_path / f"{n}.out").open("wb"),
-            stderr=(tmp_path / f"{n}.err").open("wb"),
+            [*cmd, f"train.seed={seed}"], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+            stdout=(tmp_path / f"{n}.out").open("wb"), stderr=(tmp_path / f"{n}.err").open("wb"),
         )
         for n, seed in seeds.items()
-    }
+    }  # fmt: skip
     rcs = {name: p.wait(600) for name, p in procs.items()}
     seconds = time.monotonic() - t0
     outs = {n: (tmp_path / f"{n}.out").read_text(errors="replace") for n in procs}

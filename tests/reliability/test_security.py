@@ -1,20 +1,26 @@
 """Security: no loading path runs code from a file, pickle-based models need an explicit
-opt-in, every server command binds 127.0.0.1, and the README says how to secure a shared
-MLflow server. The payload is real (unpickling it writes a marker file, which must never
-appear); a control shows it does run when a caller opts in, so the refusals are not an artefact
-of a broken payload."""
-
-from __future__ import annotations
+opt-in, servers bind 127.0.0.1, the README says how to secure a shared MLflow server. The
+payload is real (unpickling it writes a marker file); a control shows it does run when a caller
+opts in, so the refusals are not an artefact of a broken payload."""
 
 import ast
 import json
 import re
 from pathlib import Path
 
+import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
 from helpers import REPO_ROOT, Payload, payload_module
+
+from flows.model_io import ModelLoadError, UnsafeModelError, load_vae
+from vae_core.data import ProcessedDataError, load_processed, load_split_indices
+from vae_core.data.splits import ARRAY_FILES, INDICES_FILE
+from vae_core.evaluation import classifier as clf
+from vae_core.models import build_vae
+from vae_core.training import TrainConfig, Trainer
+from vae_core.training import checkpoint as ck
 
 SKIP_DIRS = {".venv", ".git", "tests", "data", "mlruns", "runs", "build", "dist", "node_modules"}
 
@@ -101,9 +107,6 @@ def test_every_torch_load_is_weights_only(record) -> None:
     assert findings == []
 
 
-# --------------------------------------------------------------------------- payloads
-
-
 @pytest.fixture
 def marker(tmp_path: Path) -> Path:
     return tmp_path / "PWNED"
@@ -135,12 +138,6 @@ REFUSED_GLOBAL = "Unsupported global: GLOBAL exec"
 
 
 def test_pickle_payload_refused_by_every_loader(tmp_path: Path, marker: Path, record) -> None:
-    from flows.model_io import UnsafeModelError, load_vae
-    from vae_core.evaluation import classifier as clf
-    from vae_core.models import build_vae
-    from vae_core.training import TrainConfig, Trainer
-    from vae_core.training import checkpoint as ck
-
     evil = tmp_path / "evil.pt"
     torch.save({"epoch": 1, "weight": torch.zeros(2), "payload": Payload(marker)}, evil)
     payload, vae = evil.read_bytes(), build_vae({"hidden_sizes": [8], "latent_dim": 2})
@@ -165,16 +162,13 @@ def test_pickle_payload_refused_by_every_loader(tmp_path: Path, marker: Path, re
     trainer = Trainer(vae, TrainConfig(epochs=1))
     images = torch.zeros(20, 28, 28, dtype=torch.uint8)
     W, M = ck.UnsafeWeightsError, UnsafeModelError
+    resume = lambda: trainer.fit(images, images[:5], checkpoint_dir=ckpt_dir)  # noqa: E731
     cases = {  # loader: (the call, the refusal expected, the file its message names)
         "load_checkpoint": (lambda: ck.load_checkpoint(evil), W, evil),
         "load_model": (lambda: ck.load_model(model_dir), W, model_dir / ck.MODEL_WEIGHTS_NAME),
         "load_classifier": (lambda: clf.load_classifier(clf_dir), W, clf_dir / clf.WEIGHTS_NAME),
         "model_io.load_vae": (lambda: load_vae(str(mlflow_dir)), M, "extra/model.pt"),
-        "Trainer.fit(resume)": (
-            lambda: trainer.fit(images, images[:5], checkpoint_dir=ckpt_dir),
-            W,
-            ckpt_dir / "last.pt",
-        ),
+        "Trainer.fit(resume)": (resume, W, ckpt_dir / "last.pt"),
     }
     outcomes = {}
     for name, (load, kind, named) in cases.items():
@@ -191,9 +185,6 @@ def test_pickle_payload_refused_by_every_loader(tmp_path: Path, marker: Path, re
 
 
 def test_pickled_processed_data_refused(tmp_path: Path, marker: Path, record) -> None:
-    from vae_core.data import ProcessedDataError, load_processed, load_split_indices
-    from vae_core.data.splits import ARRAY_FILES, INDICES_FILE
-
     folder = tmp_path / "processed"
     folder.mkdir()
     sizes = {"train": 5, "val": 2, "holdout": 2, "test": 3}
@@ -219,13 +210,7 @@ def test_pickled_processed_data_refused(tmp_path: Path, marker: Path, record) ->
     check_refused("load_split_indices", indices, ProcessedDataError, npz, marker)
 
 
-def test_pickle_flavoured_mlflow_model_needs_explicit_opt_in(
-    tmp_path: Path, marker: Path, record
-) -> None:
-    import mlflow.pytorch
-
-    from flows.model_io import ModelLoadError, UnsafeModelError, load_vae
-
+def test_pickle_flavoured_mlflow_model_needs_explicit_opt_in(tmp_path, marker, record):
     path = tmp_path / "pickled-model"
     # Explicit requirements: inferring them would load (and so run) the model while saving.
     mlflow.pytorch.save_model(
@@ -253,8 +238,6 @@ def test_pickle_flavoured_mlflow_model_needs_explicit_opt_in(
     )
     assert marker.exists(), "control failed: the payload never ran, the test proves nothing"
 
-
-# --------------------------------------------------------------------------- servers
 
 SERVER_COMMAND = re.compile(
     r"(mlflow\s+(?:ui|server)\b|prefect\s+server\s+start\b"
@@ -336,12 +319,9 @@ def test_readme_explains_basic_auth_and_keeping_credentials_out(record) -> None:
 
 def test_params_yaml_holds_no_credentials(record) -> None:
     text = (REPO_ROOT / "params.yaml").read_text(encoding="utf-8")
-    suspicious = [
-        line.strip()
-        for line in text.splitlines()
-        if re.search(r"(password|passwd|secret|token|api[_-]?key|://[^/\s]+:[^@\s]+@)", line, re.I)
-        and not line.lstrip().startswith("#")
-    ]
+    secret = re.compile(r"(password|passwd|secret|token|api[_-]?key|://[^/\s]+:[^@\s]+@)", re.I)
+    lines = [line.strip() for line in text.splitlines() if not line.lstrip().startswith("#")]
+    suspicious = [line for line in lines if secret.search(line)]
     from flows.params import KNOWN_KEYS
 
     secret_keys = [k for k in KNOWN_KEYS if re.search(r"password|secret|token|key$", k, re.I)]

@@ -1,9 +1,6 @@
-"""Bad input between scheduled runs: the source folder disappears, then one of its files is
-replaced by a truncated copy. Each run fails at once with an error naming the folder or the
-file (no retries: the same input would fail the same way), and the last good data, dvc.lock's
-data entries and the champion stay as they were."""
-
-from __future__ import annotations
+"""Bad input between scheduled runs (the source folder gone, then a file truncated): each run
+fails at once (no retries: the same input would fail the same way) with an error naming the
+folder or the file, and the last good data, dvc.lock's data entries and the champion stay."""
 
 import shutil
 from pathlib import Path

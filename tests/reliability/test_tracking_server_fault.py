@@ -1,27 +1,15 @@
-"""The MLflow tracking server killed while a pipeline run trains against it.
-
-Policy (README, `flows.tracking.lost_server`): MLflow's client retries each request
-(MLFLOW_HTTP_REQUEST_MAX_RETRIES); when the server stays gone the run fails with one `error:`
-line, registers nothing, and the next run after a restart succeeds. The server is killed once
-the run has logged its third epoch, never on a timer; both runs use the session's Prefect API.
-"""
-
-from __future__ import annotations
+"""The MLflow tracking server killed (once the run has logged its third epoch) while a pipeline
+run trains against it. Policy (README, `flows.tracking.lost_server`): MLflow's client retries
+each request; when the server stays gone the run fails with one `error:` line, registers
+nothing, and the next run after a restart succeeds."""
 
 import os
 import signal
 import subprocess
 
 import pytest
-from helpers import (
-    MLFLOW_SERVER_ENV,
-    bin_path,
-    child_env,
-    free_port,
-    mlflow_server_cmd,
-    wait_for,
-    wait_for_http,
-)
+from helpers import bin_path, child_env, free_port, start_mlflow_server, wait_for
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +18,6 @@ MODEL = "mnist-vae"
 
 def _epochs_logged(url: str) -> int:
     """Epochs of val/neg_elbo the newest run has logged so far (0 before it exists)."""
-    from mlflow import MlflowClient
-
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name("vae-mnist")
     if experiment is None:
@@ -43,25 +29,12 @@ def _epochs_logged(url: str) -> int:
 def test_server_killed_during_training(
     prefect_harness, pipeline_workspace, start_process, tmp_path, record
 ) -> None:
-    from mlflow import MlflowClient
-
     ws, root, port = pipeline_workspace("ws"), tmp_path / "server", free_port()
     root.mkdir()
     url = f"http://127.0.0.1:{port}"
-
-    def start_server(name: str):
-        cmd, env = mlflow_server_cmd(root, port), child_env(**MLFLOW_SERVER_ENV)
-        server = start_process(name, cmd, env=env, cwd=root)
-        wait_for_http(f"{url}/health", server, timeout_s=180)
-        return server
-
-    server = start_server("mlflow-server")
-    run_env = child_env(
-        PREFECT_API_URL=prefect_harness,
-        MLFLOW_TRACKING_URI=url,
-        MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
-        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
-    )
+    server = start_mlflow_server(start_process, "mlflow-server", root, port)
+    one_retry = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    run_env = child_env(PREFECT_API_URL=prefect_harness, MLFLOW_TRACKING_URI=url, **one_retry)
     cmd = [bin_path("vae-pipeline"), "run", "-S", "train.epochs=2000"]
     run = start_process("pipeline-run", cmd, env=run_env, cwd=ws)
     wait_for("the run's third epoch", lambda: _epochs_logged(url) >= 3, 400, run, every_s=0.5)
@@ -72,7 +45,7 @@ def test_server_killed_during_training(
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
 
     # The server comes back on the same store: nothing was registered, and the next run works.
-    start_server("mlflow-server-2")
+    start_mlflow_server(start_process, "mlflow-server-2", root, port)
     client = MlflowClient(url)
     versions = client.search_model_versions(f"name='{MODEL}'")
     (failed,) = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])

@@ -1,8 +1,6 @@
 """Fixtures for the data-layer tests (no network, nothing from ../shared); the synthetic IDX
 folders come from ``helpers.write_idx_folder``."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import pytest

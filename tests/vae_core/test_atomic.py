@@ -1,7 +1,5 @@
 """The one atomic-write primitive, and the one VAE rebuild path built on the saved files."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 
@@ -11,18 +9,12 @@ from helpers import TWO_LAYER
 
 from vae_core.atomic import atomic_torch_save, atomic_write_text
 from vae_core.models import VAEConfig, build_vae
-from vae_core.training.checkpoint import (
-    MODEL_CONFIG_NAME,
-    ModelFileError,
-    load_model,
-    rebuild_vae,
-    save_model,
-)
+from vae_core.training import load_model, save_model
+from vae_core.training.checkpoint import MODEL_CONFIG_NAME, ModelFileError, rebuild_vae
 
 
 def test_atomic_writes_keep_the_old_file_and_same_tensors_same_bytes(tmp_path: Path) -> None:
-    """A failed write keeps the old file and leaves no temp file; same tensors, same bytes
-    whatever the file's name (its DVC hash)."""
+    """Same tensors, same bytes, whatever the file's name (the file's DVC hash)."""
     target = tmp_path / "sub" / "w.pt"
     atomic_torch_save({"w": torch.arange(3)}, target)  # creates the missing folder
     before = target.read_bytes()

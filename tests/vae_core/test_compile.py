@@ -1,10 +1,7 @@
-"""`train.compile: true`: the training loss compiles as one graph, with no break (the noise eps
-is drawn outside `training_loss`), for each model family and both objectives; a compiled
-training run gives the eager run's figures. The trainer run forces the `aot_eager` backend with
-`torch.compiler.set_stance`: Dynamo and AOTAutograd as in a real run, without Inductor's C++
-builds (60-90 s cold on a busy two-core machine, against a few seconds here)."""
-
-from __future__ import annotations
+"""`train.compile: true`: the training loss compiles as one graph with no break (eps is drawn
+outside `training_loss`), for each model family and both objectives; a compiled run gives the
+eager run's figures. The trainer runs on the `aot_eager` backend (Dynamo and AOTAutograd as in
+a real run, without Inductor's C++ builds: 60-90 s cold on a busy two-core machine)."""
 
 from dataclasses import replace
 

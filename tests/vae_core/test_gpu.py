@@ -1,14 +1,12 @@
-"""CUDA paths: bf16 autocast with float32 reductions, fused Adam that never waits on the
-device, exact resume, the IWAE objective and the two-layer network, IWAE k=5000 on 10,000
-images within a memory bound, a compiled loss with one graph, and cuDNN flags left as found.
-
-Torch only (no mlflow, prefect or dvc: the GPU box has none), run by scripts/gpu_check.sh on a
-CUDA machine; on a CPU-only machine these are skipped (and reported as skipped, not passed)."""
+"""CUDA paths: bf16 autocast with float32 reductions, fused Adam, exact resume, IWAE and the
+two-layer network, IWAE k=5000 within a memory bound, a compiled loss, cuDNN flags. Torch only
+(the GPU box has no mlflow, prefect or dvc), run by scripts/gpu_check.sh; skipped without CUDA."""
 
 import numpy as np
 import pytest
 import torch
 from helpers import TWO_LAYER
+from torch._dynamo.utils import counters
 
 from vae_core.evaluation.classifier import deterministic_cudnn
 from vae_core.evaluation.likelihood import iwae_log_likelihood
@@ -101,8 +99,6 @@ def test_iwae_5000_on_10000_images_with_the_default_chunking_fits_a_memory_bound
 
 
 def test_a_compiled_loss_serves_a_warm_up_and_a_short_last_batch_with_one_graph(tmp_path):
-    from torch._dynamo.utils import counters
-
     torch._dynamo.reset()
     counters.clear()
     trainer = _trainer(epochs=3, warmup_epochs=2, batch_size=256, compile=True)

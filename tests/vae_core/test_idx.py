@@ -1,7 +1,5 @@
 """IDX reading and writing: round trips, and a clear refusal for each way a file can be wrong."""
 
-from __future__ import annotations
-
 import gzip
 import struct
 import tracemalloc
@@ -16,11 +14,8 @@ from vae_core.data.idx import encode_idx, is_gzip, read_idx, validate_pair, writ
 
 
 def images_labels(n: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return (
-        rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-        (np.arange(n) % 10).astype(np.uint8),
-    )
+    images = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    return images, (np.arange(n) % 10).astype(np.uint8)
 
 
 def header(code: int, *dims: int) -> bytes:
@@ -36,9 +31,6 @@ def _peak_bytes_while_refused(path: Path, match: str) -> int:
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-
-
-# --------------------------------------------------------------------------- round trips
 
 
 ROUND_TRIPS = {
@@ -89,8 +81,6 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path: Path, monkeypatch) -
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.gz"]
 
-
-# --------------------------------------------------------------------------- corrupt files
 
 _IMAGES = encode_idx(images_labels()[0])
 _LABELS = encode_idx(images_labels()[1])
@@ -168,9 +158,6 @@ def test_gzip_bomb_refused_without_inflating_it(tmp_path: Path, monkeypatch) -> 
     assert _peak_bytes_while_refused(path, "trailing bytes") < 5_000_000
     assert all(asked >= 0 for asked, _ in taken)  # never "read to the end"
     assert sum(got for _, got in taken) == 4 + 12 + 784 + 1  # header, one image, one more byte
-
-
-# --------------------------------------------------------------------------- validate_pair
 
 
 def test_validate_pair_accepts_every_label_and_an_allowed_empty_split() -> None:

@@ -1,8 +1,6 @@
 """PNG writers: files are written where asked, decode, have the sizes the grid layout implies,
 and hold the pixels they claim (the model's own outputs, the originals, the palette)."""
 
-from __future__ import annotations
-
 import torch
 from torchvision.io import read_image
 
@@ -80,14 +78,12 @@ def test_latent_map_sizes_palette_and_pca(tmp_path):
     # latent_dim > 2 goes through PCA; the legend uses a test digit of each class.
     path = figs.save_model_latent_map(_vae(6), _images(50), labels[:50], tmp_path / "m.png")
     assert tuple(read_image(str(path)).shape) == (3, 512 + 36, 512)
-    # Dots take their class colour.
     xy = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     canvas = figs.rasterize_points(xy, torch.tensor([0, 3]), size=64, radius=1, margin=4)
     # Point 0 at the bottom-left corner, point 1 at the top-right (y axis points up).
     assert torch.allclose(canvas[:, 59, 4], figs.PALETTE[0])
     assert torch.allclose(canvas[:, 4, 59], figs.PALETTE[3])
     assert torch.allclose(canvas[:, 32, 32], torch.ones(3))
-    # The 2-D projection is PCA.
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(500, 5, generator=gen) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1])
     xy = figs.project_2d(x)

@@ -2,8 +2,6 @@
 VAE, invariance of the per-example estimate to batching and subsets, active units, and the CPU
 fast path of the IWAE evaluation against the generic path and a float64 reference."""
 
-from __future__ import annotations
-
 import copy
 import math
 
@@ -15,16 +13,12 @@ from helpers import TWO_LAYER
 from torch import nn
 
 from vae_core.config import BURDA_ONE_LAYER, BURDA_TWO_LAYER
-from vae_core.evaluation.likelihood import (
-    active_units,
-    bits_per_dim,
-    elbo_summary,
-    iwae_log_likelihood,
-    iwae_nll,
-    select_subset,
-)
+from vae_core.estimators import iwae_log_likelihood
+from vae_core.evaluation import active_units, bits_per_dim, elbo_summary
+from vae_core.evaluation.likelihood import iwae_nll, select_subset
 from vae_core.models import build_vae
-from vae_core.models.vae import VAE, OneStochasticLayer, VAEConfig
+from vae_core.models.likelihoods import Scratch
+from vae_core.models.vae import VAE, FoldedMLP, OneStochasticLayer, VAEConfig
 from vae_core.objectives import dataset_elbo
 
 
@@ -197,9 +191,6 @@ def test_active_units_counts_units_whose_mean_moves_with_x():
     np.testing.assert_allclose(variances, [1.0, 0.25, 0.0225, 0.0025, 0.0], rtol=0.08, atol=1e-9)
 
 
-# --------------------------------------------------------------------------- the CPU fast path
-
-
 def _float64_iwae(model: nn.Module, x: torch.Tensor, k: int, seed: int) -> np.ndarray:
     """The same estimator with the same noise, every step in float64: the generic path on a
     float64 copy of the model whose Bernoulli log-probability is summed in float64 too."""
@@ -277,9 +268,6 @@ def test_fast_path_on_grey_levels_and_flat_images_and_the_models_without_one():
 
 
 def test_tanh_folded_into_sigmoids_is_the_same_network():
-    from vae_core.models.likelihoods import Scratch
-    from vae_core.models.vae import FoldedMLP
-
     torch.manual_seed(0)
     net = build_vae(BURDA_TWO_LAYER, seed=0).p_z1  # Linear, tanh, Linear, tanh, Linear
     folded = FoldedMLP.from_module(net)

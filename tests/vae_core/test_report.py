@@ -1,7 +1,5 @@
 """evaluate_model end to end on a tiny model and synthetic data, and the two CLIs."""
 
-from __future__ import annotations
-
 import json
 import math
 from dataclasses import replace
@@ -23,23 +21,16 @@ from vae_core.training.checkpoint import save_model
 TIMING_KEYS = {"eval_seconds", "iwae_seconds"}
 
 
-def _splits(n_train=120, n_val=20, n_test=40, n_holdout=16) -> DatasetSplits:
+def _splits() -> DatasetSplits:
     """Blobs of random grey levels with balanced labels: only shapes and dtypes matter here."""
-    gen = torch.Generator().manual_seed(0)
-
-    def images(n: int) -> torch.Tensor:
-        return (torch.rand(n, 28, 28, generator=gen) ** 3 * 255).to(torch.uint8)
-
-    def labels(n: int) -> torch.Tensor:
-        return torch.arange(n, dtype=torch.int64) % 10
-
-    test, holdout = images(n_test), images(n_holdout)
-    return DatasetSplits(
-        *(images(n_train), labels(n_train), images(n_val), labels(n_val)),
-        *(holdout, labels(n_holdout), test, labels(n_test)),
-        holdout_binarized=torch.bernoulli(holdout.float() / 255, generator=gen).to(torch.uint8),
-        test_binarized=torch.bernoulli(test.float() / 255, generator=gen).to(torch.uint8),
-    )
+    gen, parts = torch.Generator().manual_seed(0), {}
+    for split, n in {"train": 120, "val": 20, "holdout": 16, "test": 40}.items():
+        parts[f"{split}_images"] = (torch.rand(n, 28, 28, generator=gen) ** 3 * 255).byte()
+        parts[f"{split}_labels"] = torch.arange(n, dtype=torch.int64) % 10
+    for split in ("holdout", "test"):
+        bits = torch.bernoulli(parts[f"{split}_images"].float() / 255, generator=gen)
+        parts[f"{split}_binarized"] = bits.to(torch.uint8)
+    return DatasetSplits(**parts)
 
 
 def _vae(likelihood: str = "bernoulli") -> VAE:
@@ -174,17 +165,16 @@ def test_classifier_and_report_command_lines_and_a_deterministic_classifier(tmp_
 
 
 def test_bf16_evaluation_records_its_precision_beside_the_figures_it_made(tmp_path):
-    fp32 = evaluate_model(
-        _vae(), _splits(), "binarized", tmp_path / "a", replace(SETTINGS, matmul_precision="fp32")
-    )
-    bf16 = evaluate_model(
-        _vae(), _splits(), "binarized", tmp_path / "b", replace(SETTINGS, matmul_precision="bf16")
+    fp32, bf16 = (
+        evaluate_model(
+            _vae(), _splits(), "binarized", tmp_path / p, replace(SETTINGS, matmul_precision=p)
+        )
+        for p in ("fp32", "bf16")
     )
     assert (fp32["iwae_precision"], bf16["iwae_precision"]) == ("fp32", "bf16")
     assert bf16["test_nll_iwae_estimator"].endswith("matrix products in bf16")
     assert bf16["iwae_precision_reason"] == "bf16, as set"
     # The same examples and importance samples: the figures differ by bf16's rounding only.
-    a, _, _ = load_per_example(tmp_path / "a", "holdout")
-    b, _, _ = load_per_example(tmp_path / "b", "holdout")
+    a, b = (load_per_example(tmp_path / p, "holdout")[0] for p in ("fp32", "bf16"))
     assert not np.array_equal(a, b) and np.abs(a - b).max() < 0.5
     assert abs(bf16["test_nll_iwae"] - fp32["test_nll_iwae"]) < 0.05

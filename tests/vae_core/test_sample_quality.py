@@ -1,8 +1,6 @@
 """Sample-quality statistics: agreement with torchmetrics and brute-force references on random
 features, and sanity orderings on the embedded MNIST digits with a briefly trained classifier."""
 
-from __future__ import annotations
-
 import numpy as np
 import pytest
 import torch
@@ -12,8 +10,11 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from torchvision.transforms.functional import gaussian_blur
 
+from vae_core.data import load_splits
 from vae_core.evaluation import sample_quality as sq
 from vae_core.evaluation.classifier import as_images, predict, train_classifier
+from vae_core.models.vae import VAE, VAEConfig
+from vae_core.training import TrainConfig, Trainer
 
 # A classifier and a full-size VAE trained for three epochs each on the embedded digits.
 pytestmark = pytest.mark.slow
@@ -86,7 +87,6 @@ def test_kid_at_the_defaults_uses_several_subsets_and_reports_a_real_std_and_its
     # Another candidate set: other figures, and again a spread over the subsets.
     mean2, std2 = sq.kernel_inception_distance(real, _features(1000, 12, 10, 0.2, 1.2), seed=3)
     assert std2 > 0.01 * abs(mean2) and mean2 != mean
-    # The plan and its limits.
     assert sq.kid_subset_plan(1000, 1000, 1, 1000) == (1, 1000)  # one subset: the whole sets
     assert sq.kid_subset_plan(1000, 600, 10, 1000) == (10, 300)  # half the smaller set
     assert sq.kid_subset_plan(5000, 5000, 100, 1000) == (100, 1000)  # asked size fits
@@ -130,13 +130,8 @@ def test_inception_score_and_label_histogram_on_known_distributions():
     )
 
 
-# ----------------------------------------------------------- sanity orderings on real digits
-
-
 @pytest.fixture(scope="module")
 def embedded():
-    from vae_core.data import load_splits
-
     return load_splits("embedded", "mnist", val_size=500)
 
 
@@ -190,9 +185,6 @@ def test_real_digits_score_best_and_degradations_score_progressively_worse(embed
 
 
 def test_briefly_trained_vae_lands_between_real_digits_and_noise(embedded, classifier):
-    from vae_core.models.vae import VAE, VAEConfig
-    from vae_core.training import TrainConfig, Trainer
-
     torch.manual_seed(0)  # the full 784-400-20 model: a few epochs give recognisable digits
     config = TrainConfig(epochs=3, lr=3e-3, lr_schedule="constant", patience=0, device="cpu")
     trainer = Trainer(VAE(VAEConfig()), config, progress=False)

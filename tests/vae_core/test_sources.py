@@ -1,8 +1,6 @@
 """Data sources: embedded subset, local folders, the downloader (faked), transient failures
 versus bad input, atomicity."""
 
-from __future__ import annotations
-
 import gzip
 import hashlib
 import json
@@ -12,19 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torchvision.datasets as tvd
 from helpers import tree_digest, write_idx_folder
 
-from vae_core.data import (
-    ChecksumError,
-    DataError,
-    DatasetMismatchError,
-    IdxFormatError,
-    SourceError,
-    SourceUnavailable,
-    fetch_raw,
-    read_idx,
-)
+from vae_core.data import SourceError, SourceUnavailable, fetch_raw, read_idx
 from vae_core.data import sources as src
+from vae_core.data.errors import ChecksumError, DataError, DatasetMismatchError, IdxFormatError
 from vae_core.data.idx import encode_idx, write_idx
 
 RAW_NAMES = sorted(src.RAW_FILES.values())
@@ -34,12 +25,7 @@ def no_temp_leftovers(parent: Path) -> bool:
     return not [p.name for p in parent.iterdir() if p.name.startswith(".")]
 
 
-# --------------------------------------------------------------------------- embedded
-
-
-def test_embedded_source_is_stratified_4000_1000_and_deterministic(
-    embedded_raw: Path, tmp_path: Path
-) -> None:
+def test_embedded_source_is_stratified_4000_1000_and_deterministic(embedded_raw, tmp_path):
     manifest = json.loads((embedded_raw / "manifest.json").read_text())
     assert manifest["dataset"] == "mnist" and manifest["source"] == "embedded"
     assert manifest["counts"] == {"train": 4000, "test": 1000}
@@ -85,9 +71,6 @@ def test_stratified_split_needs_enough_per_class() -> None:
     labels = np.repeat(np.arange(10), 5).astype(np.uint8)
     with pytest.raises(SourceError, match="at least 6 examples of class 0.*found 5"):
         src.stratified_split(labels, 4, 2)
-
-
-# --------------------------------------------------------------------------- folders
 
 
 @pytest.mark.parametrize("variant", ["gz", "raw", "raw-under-gz-names"])
@@ -175,11 +158,9 @@ def test_official_sized_gz_files_must_match_published_md5(tmp_path: Path, monkey
     wrong = dict(real, **{"t10k-images-idx3-ubyte.gz": "0" * 32})
     monkeypatch.setattr(src, "published_md5", lambda dataset: wrong)
     before = (tmp_path / "raw" / "manifest.json").read_bytes()
-    with pytest.raises(
-        ChecksumError,
-        match=r"t10k-images-idx3-ubyte.gz: md5 checksum mismatch.*expected 0{32}.*found "
-        + real["t10k-images-idx3-ubyte.gz"],
-    ):
+    found = real["t10k-images-idx3-ubyte.gz"]
+    mismatch = rf"t10k-images-idx3-ubyte.gz: md5 checksum mismatch.*expected 0{{32}}.*found {found}"
+    with pytest.raises(ChecksumError, match=mismatch):
         fetch_raw(str(tmp_path / "src"), "mnist", tmp_path / "raw")
     assert (tmp_path / "raw" / "manifest.json").read_bytes() == before
     # Uncompressed files have no published md5 to match: the gz sums are skipped.
@@ -192,9 +173,6 @@ def test_published_md5_comes_from_torchvision() -> None:
     assert md5["train-images-idx3-ubyte.gz"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
     assert sorted(md5) == RAW_NAMES
     assert sorted(src.published_md5("kmnist")) == RAW_NAMES  # URLs reduced to file names
-
-
-# --------------------------------------------------------------------------- failures
 
 
 def failing_source(exc: BaseException, calls: list[int]):
@@ -282,14 +260,9 @@ def test_data_errors_pass_through_and_garbage_is_validated(tmp_path: Path) -> No
     assert not (tmp_path / "raw").exists()
 
 
-# --------------------------------------------------------------------------- download (faked)
-
-
 def test_download_source_copies_torchvision_raw_files_and_a_failure_is_transient(
     tmp_path: Path, monkeypatch
 ) -> None:
-    import torchvision.datasets as tvd
-
     created: list[tuple[str, bool]] = []
 
     class FakeKMNIST:
@@ -310,8 +283,6 @@ def test_download_source_copies_torchvision_raw_files_and_a_failure_is_transient
     assert manifest["dataset"] == "kmnist" and manifest["counts"] == {"train": 120, "test": 40}
     assert created and created[0][1] is True
     assert not Path(created[0][0]).exists()  # the temporary root is cleaned up
-    with pytest.raises(
-        SourceUnavailable,
-        match=r"fashion-mnist from source 'download' failed: RuntimeError: Error downloading",
-    ):
+    failed = r"fashion-mnist from source 'download' failed: RuntimeError: Error downloading"
+    with pytest.raises(SourceUnavailable, match=failed):
         fetch_raw("download", "fashion-mnist", tmp_path / "raw2")

@@ -1,8 +1,6 @@
 """Splits: seeded validation split, fixed binarized test, pickle-free files (the trainer's
 float view and dynamic binarization are tested in test_trainer.py)."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 
@@ -58,10 +56,8 @@ def test_the_split_and_the_binarized_test_set_are_fixed_by_their_own_seeds(array
 
 @pytest.mark.parametrize("val_size", [0, 200, 201, -1, True, 2.5])
 def test_val_size_must_fit(arrays, val_size) -> None:
-    with pytest.raises(
-        data.SplitError,
-        match=rf"data.val_size = {val_size!r} .*training set of 200 images.*1 to 199",
-    ):
+    refused = rf"data.val_size = {val_size!r} .*training set of 200 images.*1 to 199"
+    with pytest.raises(data.SplitError, match=refused):
         split(arrays, val_size=val_size)
 
 
@@ -110,9 +106,8 @@ def test_a_missing_pickled_or_wrong_processed_file_is_refused(arrays, tmp_path: 
     with pytest.raises(data.ProcessedDataError, match="expected a processed-data folder"):
         data.load_processed(tmp_path / "nothing")
     np.save(tmp_path / "proc" / "test_labels.npy", np.array([{"a": 1}], dtype=object))
-    with pytest.raises(
-        data.ProcessedDataError, match=r"test_labels.npy: expected a .npy array that"
-    ):
+    pickled = r"test_labels.npy: expected a .npy array that"
+    with pytest.raises(data.ProcessedDataError, match=pickled):
         data.load_processed(tmp_path / "proc")
     np.save(tmp_path / "proc" / "test_labels.npy", np.zeros(3, np.uint8))
     with pytest.raises(data.DatasetMismatchError, match="counts disagree"):
@@ -120,7 +115,6 @@ def test_a_missing_pickled_or_wrong_processed_file_is_refused(arrays, tmp_path: 
     (tmp_path / "proc" / "val_labels.npy").unlink()
     with pytest.raises(data.ProcessedDataError, match=r"val_labels.npy: missing"):
         data.load_processed(tmp_path / "proc")
-    # DatasetSplits checks its own fields.
     img, lab = torch.zeros(3, 28, 28, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64)
     with pytest.raises(data.ProcessedDataError, match="val_labels: expected an int64"):
         data.DatasetSplits(img, lab, img, lab.to(torch.uint8), img, lab, img, lab, img, img)
@@ -139,9 +133,8 @@ def test_load_raw_checks_the_manifest(tmp_path: Path) -> None:
     assert data.load_raw(tmp_path / "raw")[0].shape == (120, 28, 28)
     labels = np.zeros(40, np.uint8)
     write_idx(tmp_path / "raw" / "t10k-labels-idx1-ubyte.gz", labels)  # edited after fetch
-    with pytest.raises(
-        data.ChecksumError, match=r"t10k-labels-idx1-ubyte.gz: sha256 checksum mismatch"
-    ):
+    mismatch = r"t10k-labels-idx1-ubyte.gz: sha256 checksum mismatch"
+    with pytest.raises(data.ChecksumError, match=mismatch):
         data.load_raw(tmp_path / "raw")
 
 
