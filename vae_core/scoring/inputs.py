@@ -121,7 +121,7 @@ class ImageSource:
             assert self._array is not None
             part = self._parts[0]
             for start in range(first, stop, chunk_size):
-                piece = self._array[start : min(start + chunk_size, stop)]
+                piece = _read_rows(self._array, part.path, start, min(start + chunk_size, stop))
                 yield piece.reshape(len(piece), *IMAGE_SHAPE), part, start
             return
         offset = 0  # the input position of the part's first image
@@ -206,6 +206,18 @@ def _open_npy(path: Path) -> ImageSource:
 
 
 # --------------------------------------------------------------------------- folders
+
+
+def _read_rows(array: np.ndarray, path: Path, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop-1 of a memory-mapped .npy, read from the file into a fresh array: the
+    mapped pages of a slice stay in the process's resident set, so slicing the map would grow
+    it with the input's length (150 MB for 200,000 images); reading a C-ordered file does not."""
+    if not isinstance(array, np.memmap) or not array.flags.c_contiguous:
+        return np.array(array[start:stop])
+    row = math.prod(array.shape[1:])
+    offset = array.offset + start * row * array.dtype.itemsize
+    flat = np.fromfile(path, dtype=array.dtype, count=(stop - start) * row, offset=offset)
+    return flat.reshape(stop - start, *array.shape[1:])
 
 
 def _open_folder(folder: Path) -> ImageSource:
