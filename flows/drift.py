@@ -75,6 +75,7 @@ class DriftReport:
     ks_p_value: float
     reference_p99: float
     share_beyond_reference_p99: float
+    tail_p_value: float  # one-sided binomial test of that share against the 1% expected
 
     def figures(self) -> dict[str, float]:
         """Every numeric field as ``drift_<field>``, for metrics and tags."""
@@ -133,8 +134,9 @@ def compare(
 
     Drift iff (KS p-value < alpha and the mean shift's bootstrap CI lower bound exceeds
     min_mean_shift_nats) or the share of batch images above the reference's 99th percentile
-    exceeds max_tail_share. The KS test alone is not enough: on large batches it rejects
-    shifts far too small to matter.
+    exceeds max_tail_share and, by a one-sided binomial test, the 1% expected (p < alpha).
+    The KS test alone is not enough: on large batches it rejects shifts far too small to
+    matter.
     """
     t = thresholds
     ref, new = _as_nlls("reference", reference), _as_nlls("batch", batch)
@@ -145,10 +147,14 @@ def compare(
     ks = stats.ks_2samp(ref, new, alternative="two-sided")
     ks_stat, ks_p = float(ks.statistic), float(ks.pvalue)
     p99 = float(np.percentile(ref, 99))
-    share = float(np.mean(new > p99))
+    beyond = int(np.sum(new > p99))
+    share = beyond / new.size
+    # A small batch passes max_tail_share by chance (one image in ten is 10%): the share must
+    # also be significantly above the 1% a batch like the reference puts there.
+    tail_p = float(stats.binomtest(beyond, new.size, 0.01, alternative="greater").pvalue)
 
     ks_fired, shift_fired = ks_p < t.alpha, ci_low > t.min_mean_shift_nats
-    tail_fired = share > t.max_tail_share
+    tail_fired = share > t.max_tail_share and tail_p < t.alpha
     ks_text = (
         f"KS test {'rejects' if ks_fired else 'does not reject'} equal distributions (D = "
         f"{ks_stat:.4f}, p = {ks_p:.3g} {'<' if ks_fired else '>='} alpha {t.alpha})."
@@ -160,8 +166,9 @@ def compare(
     )
     tail_text = (
         f"Tail share: {share:.2%} of batch images lie above the reference's 99th percentile "
-        f"({p99:.3f} nats), {'more than' if tail_fired else 'at most'} the "
-        f"{t.max_tail_share:.2%} allowed."
+        f"({p99:.3f} nats): {'more than' if share > t.max_tail_share else 'at most'} the "
+        f"{t.max_tail_share:.2%} allowed, binomial p = {tail_p:.3g} against 1% "
+        f"({'<' if tail_p < t.alpha else '>='} alpha {t.alpha})."
     )
     # Only the criteria that fired justify drift; no drift needs all three explained.
     fired = (ks_text, shift_text) * (ks_fired and shift_fired) + (tail_text,) * tail_fired
@@ -181,4 +188,5 @@ def compare(
         ks_p_value=ks_p,
         reference_p99=p99,
         share_beyond_reference_p99=share,
+        tail_p_value=tail_p,
     )

@@ -125,6 +125,10 @@ class LimitsConfig(Section):
         return 60.0 * minutes if minutes > 0 else None
 
 
+#: Sections that change when a run acts, not what it trains: left out of `Params.hash`.
+OPERATIONAL_SECTIONS = ("drift", "limits")
+
+
 @dataclass(frozen=True)
 class Params:
     """The whole of params.yaml, one attribute per section."""
@@ -152,8 +156,10 @@ class Params:
         }
 
     def hash(self) -> str:
-        """A short digest of every value: equal parameters, equal hash."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """A short digest of every value that shapes a model (the drift and limits sections
+        only say when to act and how long to wait): equal parameters, equal hash."""
+        shaping = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_SECTIONS}
+        canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def replace(self, overrides: Iterable[str] | Mapping[str, Any]) -> Params:

@@ -21,6 +21,7 @@ from prefect.artifacts import (
     create_progress_artifact,
     update_progress_artifact,
 )
+from prefect.task_engine import TaskRunTimeoutError
 from prefect.utilities.timeout import timeout
 
 from flows import dvc_runner, run_record, scoring, tracking, workspace
@@ -384,7 +385,7 @@ def training_pipeline(
     try:
         with timeout(seconds, timeout_exc_type=FlowTimeLimit):
             return _pipeline(root, overrides, force, dvc_remote, deadline)
-    except TimeoutError as exc:
+    except (TaskRunTimeoutError, FlowTimeLimit) as exc:  # not a socket's or a lock's timeout
         if deadline is not None and time.monotonic() >= deadline - 1.0:
             raise FlowTimeLimit(
                 f"limits.flow_minutes: the run passed its limit of {limits.flow_minutes:g} min"

@@ -31,11 +31,13 @@ from mlflow.exceptions import MlflowException
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import tracking
 from flows.drift import DriftReport, DriftThresholds, compare
 from flows.events import emit_model_event
 from flows.params import DEFAULT_PATH, Params, load_params
+from vae_core.atomic import default_mode
 from vae_core.errors import VaeError
 
 CHUNK_IMAGES = 1024  # images per call of the estimator
@@ -148,6 +150,7 @@ def join_parts(part_files: list[str], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
+    os.chmod(tmp, default_mode())  # readable as a plain open() would make it, not 0600
     try:
         writer = None
         for part in part_files:
@@ -172,15 +175,14 @@ def reference_nlls(
     if choice.version is None or choice.run_id is None:
         return None, f"{choice.uri} is not a registered model version: no reference"
     tags = choice.tags or {}
-    ref_k = tags.get(TAG_REFERENCE_K)
-    if ref_k is not None and int(ref_k) != k:
-        return None, (
-            f"the reference of v{choice.version} was estimated with k={ref_k}, this batch with "
-            f"evaluate.iwae_k={k}: not comparable"
+    location, ref_k = tags.get(TAG_REFERENCE), tags.get(TAG_REFERENCE_K)
+    if not location or ref_k != str(k):
+        why = (
+            f"was estimated with k={ref_k}, this batch with evaluate.iwae_k={k}"
+            if location and ref_k
+            else f"is not recorded (no {TAG_REFERENCE} and {TAG_REFERENCE_K} tags)"
         )
-    location = (
-        tags.get(TAG_REFERENCE) or f"runs:/{choice.run_id}/evaluation/holdout_per_example_nll.npy"
-    )
+        return None, f"the reference of v{choice.version} {why}: not comparable"
     run_id, _, path = location.removeprefix("runs:/").partition("/")
     try:
         local = client.download_artifacts(run_id, path, str(dst))
@@ -254,7 +256,9 @@ def histogram(nll: np.ndarray, reference: np.ndarray | None, title: str):
 # --------------------------------------------------------------------------- the flow
 
 
-@flow(name="batch-scoring", log_prints=True)
+# One part at a time unless told otherwise (`vae-pipeline score --dask-*`): Prefect's default
+# runner would start every part of a long input at once.
+@flow(name="batch-scoring", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def batch_scoring(
     input_path: str,
     model: str | None = None,

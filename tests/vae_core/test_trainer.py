@@ -407,6 +407,8 @@ def test_the_budget_recipe_trains_with_this_hardwares_batch_precision_and_scaled
     assert trainer.precision.name == recipe.matmul_precision == ("bf16" if amx else "fp32")
     assert trainer.recipe.startswith(f"budget ({'cpu-bf16' if amx else 'cpu'}): batch")
     assert apply_recipe(trainer.config, trainer.device)[0] == trainer.config  # applied once
+    long_run = _config(recipe="budget", max_minutes=5.0, lr_schedule="burda")
+    assert apply_recipe(long_run, trainer.device)[0].lr_schedule == "burda"  # kept, not replaced
     x = _images(64, 0)
     result = trainer.fit(x, x[:16])
     assert (result.batch_size, result.lr, result.recipe) == (
