@@ -186,9 +186,7 @@ def project_time_to_target(
         t0 = time.perf_counter()
         trainer.train_epoch(train_x, epoch - 1, 1.0)
         epoch_seconds.append(time.perf_counter() - t0)
-        # what Trainer.fit does: the schedule follows the share of the time budget spent
-        trainer.budget_seconds += epoch_seconds[-1]
-        trainer.last_epoch_seconds = epoch_seconds[-1]
+        trainer.count_epoch_time(epoch_seconds[-1])  # the budget's schedule follows it
         trainer.model.eval()
         gen.manual_seed(epoch)
         neg_elbo = float(-dataset_elbo(trainer.model, x_test, 10_000, gen).elbo.mean())

@@ -371,8 +371,8 @@ def measure_row(
 
     def probe(n_images: int, epochs: int) -> tuple[Trainer, float]:
         """Seconds per epoch on the first `n_images`, with validation and checkpoints."""
-        trainer = Trainer(build_vae(row.model, seed=SEED), config, progress=False)
-        trainer.config = dataclasses.replace(trainer.config, epochs=epochs)
+        probe_config = dataclasses.replace(config, epochs=epochs)
+        trainer = Trainer(build_vae(row.model, seed=SEED), probe_config, progress=False)
         stamps: list[float] = []
         result = trainer.fit(
             splits.train_images[:n_images],

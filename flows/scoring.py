@@ -305,9 +305,9 @@ def batch_scoring(
             {f"score.{k}": v for k, v in asdict(settings).items()} | {"input.images": len(source)},
         )
         started = time.perf_counter()
-        nll = score_all(str(input_path), model_dir, settings, len(source), Path(tmp))
+        nll, parts = score_all(str(input_path), model_dir, settings, len(source), Path(tmp))
         seconds = time.perf_counter() - started
-        join_parts(sorted(str(p) for p in Path(tmp).glob("part-*.parquet")), destination)
+        join_parts(parts, destination)
         frame = pd.read_parquet(destination, columns=["reconstruction_nll"])
         figures = summary_figures(nll, float(frame["reconstruction_nll"].mean()), seconds)
 
@@ -356,17 +356,18 @@ def score_settings(params: Params, data_variant: str) -> Any:
     return ScoreSettings(params.evaluate.iwae_k, params.evaluate.seed, data_variant, precision)
 
 
-def score_all(input_path: str, model_dir: Path, settings: Any, n: int, tmp: Path) -> np.ndarray:
-    """Every part as a task on the flow's task runner (threads, or Dask); the NLLs in order.
-    Each part writes tmp/part-NNNNN.parquet."""
+def score_all(
+    input_path: str, model_dir: Path, settings: Any, n: int, tmp: Path
+) -> tuple[np.ndarray, list[str]]:
+    """Every part as a task on the flow's task runner (threads, or Dask): the NLLs in order,
+    and the Parquet part files (tmp/part-NNNNN.parquet) in order."""
     ranges = [(lo, min(lo + PART_IMAGES, n)) for lo in range(0, n, PART_IMAGES)]
+    parts = [str(tmp / f"part-{i:05d}.parquet") for i in range(len(ranges))]
     futures = [
-        score_part.submit(
-            input_path, str(model_dir), lo, hi, settings, str(tmp / f"part-{i:05d}.parquet")
-        )
-        for i, (lo, hi) in enumerate(ranges)
+        score_part.submit(input_path, str(model_dir), lo, hi, settings, part)
+        for (lo, hi), part in zip(ranges, parts, strict=True)
     ]
-    return np.concatenate([future.result() for future in futures])
+    return np.concatenate([future.result() for future in futures]), parts
 
 
 def drift_lines(report: DriftReport | None, where: str) -> tuple[str, list[str]]:

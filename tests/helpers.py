@@ -289,3 +289,20 @@ TWO_LAYER = VAEConfig(
     architecture="mlp2", hidden_sizes=[32, 16], latent_dim=6, activation="tanh",
     top_hidden_sizes=[8], top_latent_dim=3,
 )  # fmt: skip
+
+
+def random_splits(sizes: dict[str, int]):
+    """Splits of random grey-level blobs with balanced labels (``{"train": n, "val": n,
+    "holdout": n, "test": n}``), for tests where only shapes and dtypes matter."""
+    import torch
+
+    from vae_core.data import DatasetSplits
+
+    gen, parts = torch.Generator().manual_seed(0), {}
+    for split, n in sizes.items():
+        parts[f"{split}_images"] = (torch.rand(n, 28, 28, generator=gen) ** 3 * 255).byte()
+        parts[f"{split}_labels"] = torch.arange(n, dtype=torch.int64) % 10
+    for split in ("holdout", "test"):
+        bits = torch.bernoulli(parts[f"{split}_images"].float() / 255, generator=gen)
+        parts[f"{split}_binarized"] = bits.to(torch.uint8)
+    return DatasetSplits(**parts)

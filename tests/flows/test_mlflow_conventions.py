@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from helpers import random_splits
 
 from flows import run_record, tracking, workspace
 from flows.events import decision_event
@@ -32,15 +33,7 @@ EVAL = {"iwae_k": 4, "iwae_test_size": 12, "num_samples": 24, "seed": 1}
 
 
 def _splits() -> DatasetSplits:
-    """Random grey-level blobs with balanced labels: only shapes and dtypes matter here."""
-    gen, parts = torch.Generator().manual_seed(0), {}
-    for split, n in {"train": 40, "val": 10, "holdout": 10, "test": 30}.items():
-        parts[f"{split}_images"] = (torch.rand(n, 28, 28, generator=gen) ** 3 * 255).byte()
-        parts[f"{split}_labels"] = torch.arange(n, dtype=torch.int64) % 10
-    for split in ("holdout", "test"):
-        bits = torch.bernoulli(parts[f"{split}_images"].float() / 255, generator=gen)
-        parts[f"{split}_binarized"] = bits.to(torch.uint8)
-    return DatasetSplits(**parts)
+    return random_splits({"train": 40, "val": 10, "holdout": 10, "test": 30})
 
 
 def _vae(likelihood: str = "bernoulli") -> torch.nn.Module:

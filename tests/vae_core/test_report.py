@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from helpers import random_splits
 from torchvision.io import read_image
 
 from vae_core.config import EvalConfig, TrainConfig
@@ -22,15 +23,7 @@ TIMING_KEYS = {"eval_seconds", "iwae_seconds"}
 
 
 def _splits() -> DatasetSplits:
-    """Blobs of random grey levels with balanced labels: only shapes and dtypes matter here."""
-    gen, parts = torch.Generator().manual_seed(0), {}
-    for split, n in {"train": 120, "val": 20, "holdout": 16, "test": 40}.items():
-        parts[f"{split}_images"] = (torch.rand(n, 28, 28, generator=gen) ** 3 * 255).byte()
-        parts[f"{split}_labels"] = torch.arange(n, dtype=torch.int64) % 10
-    for split in ("holdout", "test"):
-        bits = torch.bernoulli(parts[f"{split}_images"].float() / 255, generator=gen)
-        parts[f"{split}_binarized"] = bits.to(torch.uint8)
-    return DatasetSplits(**parts)
+    return random_splits({"train": 120, "val": 20, "holdout": 16, "test": 40})
 
 
 def _vae(likelihood: str = "bernoulli") -> VAE:

@@ -250,8 +250,7 @@ class Trainer:
             seconds = self.clock() - t0
             seen += n
             train_seconds += seconds
-            self.budget_seconds += seconds
-            self.last_epoch_seconds = seconds
+            self.count_epoch_time(seconds)
 
             metrics = {
                 "epoch": epoch + 1,
@@ -307,6 +306,12 @@ class Trainer:
         if best_weights is not None:
             atomic_torch_save(best_weights, ckpt_path.parent / BEST_WEIGHTS_NAME)
         atomic_torch_save(self._state(epoch, result, since_best), ckpt_path)
+
+    def count_epoch_time(self, seconds: float) -> None:
+        """Add an epoch's training time to the budget's clock (`fit` does; a loop that calls
+        `train_epoch` itself must too, or a time budget's schedule never moves)."""
+        self.budget_seconds += seconds
+        self.last_epoch_seconds = seconds
 
     def budget_spent_by_end_of_epoch(self) -> float:
         """The share of train.max_minutes spent once the coming epoch ends, if it takes as
