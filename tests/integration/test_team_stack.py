@@ -396,8 +396,12 @@ def _sweep_survives_a_database_restart(stack, ws_a: Path, tiny, start_process) -
     # The MLflow server's answers after the restart: it served the sweep again, and what it
     # refused while PostgreSQL was away is what the trials take for a hiccup and retry
     # (flows.tracking.server_hiccup): 401 from the auth database, 503 from the tracking store
-    # (a temporary outage), never another server error.
+    # (a temporary outage), and 500 only for a request whose database connection the restart
+    # cut (MLflow answers 500 when psycopg2 finds the connection closed mid-transaction);
+    # never another server error.
     assert answers["200"] > 0, answers
-    assert {code for code in answers if code.startswith("5")} <= {"503"}, answers
+    assert {code for code in answers if code.startswith("5")} <= {"500", "503"}, answers
+    cut = sum("OperationalError) server closed the connection unexpectedly" in x for x in after)
+    assert answers["500"] <= cut, (answers, "\n".join(after[-200:]))
     print(f"\nMLflow answers after the restart: {dict(answers)} (refused: 401 {answers['401']}, "
           f"503 {answers['503']})")  # fmt: skip
