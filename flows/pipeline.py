@@ -382,8 +382,13 @@ def training_pipeline(
     # workspace freed, the MLflow run FAILED) and Prefect ends the flow run TimedOut.
     seconds = limits.seconds(limits.flow_minutes)
     deadline = None if seconds is None else time.monotonic() + seconds
+    # The long tasks' limits are cut to the deadline (`task_limit`); the flow's own alarm, for
+    # work outside them, comes CLEANUP_GRACE_S later, so a task stopped at the deadline can
+    # put things back (MLflow, files, lock) before a second interruption could cut that short:
+    # two at once left SQLite locked mid-write and the MLflow run RUNNING.
+    alarm = None if seconds is None else seconds + CLEANUP_GRACE_S
     try:
-        with timeout(seconds, timeout_exc_type=FlowTimeLimit):
+        with timeout(alarm, timeout_exc_type=FlowTimeLimit):
             return _pipeline(root, overrides, force, dvc_remote, deadline)
     except (TaskRunTimeoutError, FlowTimeLimit) as exc:  # not a socket's or a lock's timeout
         if deadline is not None and time.monotonic() >= deadline - 1.0:
@@ -391,6 +396,9 @@ def training_pipeline(
                 f"limits.flow_minutes: the run passed its limit of {limits.flow_minutes:g} min"
             ) from exc
         raise TimeLimit(f"a task passed its limit (params.yaml, limits): {exc}") from exc
+
+
+CLEANUP_GRACE_S = 60.0
 
 
 class TimeLimit(VaeError, TimeoutError):
