@@ -10,6 +10,7 @@ from pathlib import Path
 
 from experiments import cli as experiments_cli
 from flows.params import DEFAULT_PATH, add_override_argument, load_params
+from flows.unresponsive import UNRESPONSIVE_AFTER_S
 from vae_core.errors import VaeError
 
 
@@ -191,6 +192,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         default="enqueue",
         help="a scheduled run that comes while one runs: wait its turn (default) or be cancelled",
     )
+    p.add_argument(
+        "--unresponsive-after",
+        type=float,
+        default=UNRESPONSIVE_AFTER_S,
+        metavar="SECONDS",
+        help="the server marks a run Crashed after this long without a heartbeat (default 90)",
+    )
     add_override_argument(p, "override a parameter for every scheduled run")
     p.add_argument("--workdir", default=".")
 
@@ -210,6 +218,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from flows.events import retrain_on_drift
     from flows.pipeline import training_pipeline
+    from flows.unresponsive import crash_unresponsive_runs, ensure_automation
+
+    # A run whose process dies (this one killed, its machine lost) is marked Crashed by the
+    # server after --unresponsive-after seconds without a heartbeat, which frees its slot.
+    try:
+        automation = crash_unresponsive_runs(args.unresponsive_after)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    done = ensure_automation(automation)
+    silent = f"{args.unresponsive_after:g} s"
+    print(f"automation {automation.name} {done}: a run silent for {silent} is marked Crashed")
 
     schedule = {"interval": args.interval} if args.interval else {"cron": args.cron}
     # One run at a time on the deployment, enforced by the Prefect server (the workspace's file

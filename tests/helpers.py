@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import psutil
 import pytest
 
 # The synthetic IDX folders: the experiments' dry runs write the same ones.
@@ -164,6 +165,17 @@ def spawn(name: str, cmd: Sequence[str], log: Path, env: dict[str, str], cwd: Pa
         stdin=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     return Proc(name, popen, log, log_file)
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL a process and everything under it at once (a machine losing power): a worker
+    and the flow run it started (in a session of its own, so not in the worker's group)."""
+    parent = psutil.Process(pid)
+    procs = [parent, *parent.children(recursive=True)]
+    for proc in procs:
+        proc.kill()
+    psutil.wait_procs(procs, timeout=30)
+    return [p.pid for p in procs]
 
 
 def wait_for(

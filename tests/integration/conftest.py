@@ -13,6 +13,8 @@ def prefect_server(tmp_path_factory) -> Iterator[SimpleNamespace]:
     home = tmp_path_factory.mktemp("prefect-server-home")
     port = free_port()
     quiet = {"PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+    # A run queued behind a deployment's busy slot asks again after 2 s (default 30 s).
+    quiet["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"] = "2"
     env = child_env(PREFECT_HOME=str(home), **quiet)
     cmd = [bin_path("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     proc = spawn("prefect-server", cmd, home / "server.log", env, home)

@@ -10,6 +10,8 @@ import yaml
 from helpers import FLOW, REPO_ROOT, bin_path, prefect_client_env
 from helpers import prefect_api as api
 
+from flows.unresponsive import AUTOMATION_NAME, HEARTBEAT_SECONDS, UNRESPONSIVE_AFTER_S
+
 pytestmark = pytest.mark.slow  # a Prefect server
 
 
@@ -23,9 +25,16 @@ def test_prefect_yaml_deploys_the_nightly_deployment_to_a_process_pool(
     ws = workspace_factory("deploy")  # a fresh clone: deploying needs no data
     env = prefect_client_env(prefect_server, tmp_path)
     prefect = bin_path("prefect")
+
+    def automations() -> list[dict]:
+        found = api(prefect_server, "POST", "/automations/filter", {})
+        return [a for a in found if a["name"] == AUTOMATION_NAME]
+
+    served_ones = {a["id"] for a in automations()}  # left by `vae-pipeline serve` in other tests
     for args in (
         ["work-pool", "create", "local-process", "--type", "process"],
         ["--no-prompt", "deploy", "--name", "nightly"],
+        ["automation", "create", "--from-file", str(REPO_ROOT / "automations.yaml")],
     ):
         out = subprocess.run(
             [prefect, *args], cwd=ws, env=env, capture_output=True, text=True, timeout=300
@@ -47,3 +56,10 @@ def test_prefect_yaml_deploys_the_nightly_deployment_to_a_process_pool(
     (step,) = deployment["pull_steps"]
     directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
     assert Path(directory).resolve() == ws.resolve()
+    # Its runs heartbeat every 30 s, and the server crashes one silent for 90 s.
+    env_vars = deployment["job_variables"]["env"]
+    assert env_vars["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_SECONDS)
+    (automation,) = [a for a in automations() if a["id"] not in served_ones]
+    assert automation["trigger"]["within"] == UNRESPONSIVE_AFTER_S
+    assert automation["trigger"]["posture"] == "Proactive"
+    api(prefect_server, "DELETE", f"/automations/{automation['id']}")  # the session's server

@@ -17,9 +17,8 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
-import psutil
 import pytest
-from helpers import bin_path, child_env, prefect_api, wait_for
+from helpers import bin_path, child_env, kill_tree, prefect_api, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.team_stack]
 
@@ -112,17 +111,6 @@ def _champion(stack) -> str:
 
 def _snapshot(ws: Path) -> dict[str, bytes]:
     return {name: (ws / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
-
-
-def _kill_tree(pid: int) -> list[int]:
-    """SIGKILL a process and everything under it at once (a machine losing power): the worker
-    and the flow run it started (in a session of its own, so not in the worker's group)."""
-    parent = psutil.Process(pid)
-    procs = [parent, *parent.children(recursive=True)]
-    for proc in procs:
-        proc.kill()
-    psutil.wait_procs(procs, timeout=30)
-    return [p.pid for p in procs]
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +236,7 @@ def test_two_clones_one_deployment_a_killed_worker_a_database_restart_and_the_re
         f"'prefect.flow_run_id' and t.value = '{killed}' and m.key = 'val/neg_elbo' limit 1",
     )  # fmt: skip
     wait_for("the doomed run's first epoch", epoch_logged, RUN_TIMEOUT_S, worker_b, every_s=0.5)
-    assert len(_kill_tree(worker_b.popen.pid)) >= 2  # the worker and the flow run it started
+    assert len(kill_tree(worker_b.popen.pid)) >= 2  # the worker and the flow run it started
     assert _prefect(stack, "GET", f"/flow_runs/{killed}")["state_type"] == "RUNNING"
     assert _snapshot(ws_b)["params.yaml"] != before_kill["params.yaml"]
     assert (ws_b / JOURNAL).is_file()
