@@ -1,23 +1,36 @@
-"""Batch scoring that decides drift and starts a retraining, on a real `prefect server`: a
-champion trained by `vae-pipeline run`; `vae-pipeline serve` with its drift trigger (its runs
-held at the workspace lock, which the test holds, so nothing trains meanwhile); held-out
-digits scored with `vae-pipeline score` decide `no drift` and start nothing, the same digits
-inverted decide `drift` and the trigger creates a run of the served deployment. A value that is
-bad only deep inside the input fails the run with exit 2 and leaves no output file."""
+"""After the registry, on a real `prefect server` (its triggers and automations running) with
+`vae-pipeline serve`: a dead run is marked Crashed by the server, clean digits start nothing, and
+drifted digits start a retraining that runs once the dead run's slot is free.
+
+1. A champion, trained by `vae-pipeline run`.
+2. `vae-pipeline serve` takes a run, held at the workspace lock (which the test holds, so nothing
+   trains meanwhile), and is killed with SIGKILL, the run with it, once the server has stored
+   the run's first heartbeat: a machine losing power. The clone serves again at once.
+3. While the server waits out the dead run's silence: held-out digits scored with `vae-pipeline
+   score` decide `no drift` and start nothing; the same digits inverted decide `drift`, and the
+   trigger creates a run of the served deployment, which waits for the slot the dead run holds.
+4. The server marks the dead run Crashed (flows/unresponsive.py), before any later run in the
+   clone could notice it; the triggered run then starts.
+5. A value that is bad only deep inside the input fails the run with exit 2, no output file."""
 
 from __future__ import annotations
 
 import subprocess
+from datetime import datetime
 
 import numpy as np
+import psutil
 import pytest
 from filelock import FileLock
-from helpers import FLOW, RUN_TIMEOUT_S, bin_path, prefect_client_env, wait_for
+from helpers import FLOW, RUN_TIMEOUT_S, bin_path, kill_tree, prefect_client_env, wait_for
 from helpers import prefect_api as api
 
 from flows import workspace
+from flows.unresponsive import AUTOMATION_NAME
 
-pytestmark = pytest.mark.slow  # a server, a training run and three scoring runs
+pytestmark = pytest.mark.slow  # a server, a training run, two serving processes, three scorings
+
+SILENT_S = 40  # the shortest safe window: a live run's heartbeats come every 30 s
 
 
 def _score(ws, env, *args: str) -> subprocess.CompletedProcess:
@@ -29,7 +42,7 @@ def _figures(stdout: str) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in stdout.splitlines() if line.startswith("drift_"))
 
 
-def test_clean_digits_start_nothing_and_inverted_ones_trigger_a_retraining_run(
+def test_a_dead_run_is_crashed_by_the_server_and_drift_retrains_once_its_slot_is_free(
     prefect_server, start_process, pipeline_workspace, tmp_path
 ) -> None:
     import pandas as pd
@@ -49,46 +62,92 @@ def test_clean_digits_start_nothing_and_inverted_ones_trigger_a_retraining_run(
     np.save(tmp_path / "inverted.npy", 255 - clean)
 
     cmd = [bin_path("vae-pipeline"), "serve", "--name", "drift", "--cron", "0 0 1 1 *"]
-    cmd += ["--workdir", str(ws), "-S", "train.epochs=0"]
-    with FileLock(str(ws / workspace.LOCK_NAME)):
-        serve = start_process("serve-drift", cmd, env=env, cwd=ws)
-        path = f"/deployments/name/{FLOW}/drift"
-        deployment = wait_for(
-            "the deployment", lambda: api(prefect_server, "GET", path), 300, serve
-        )
-        related = f"/automations/related-to/prefect.deployment.{deployment['id']}"
-        (automation,) = api(prefect_server, "GET", related)
-        assert automation["name"] == "retrain-on-drift" and automation["enabled"]
-        assert automation["trigger"]["expect"] == ["vae.data.drift"]
+    cmd += ["--unresponsive-after", str(SILENT_S), "--workdir", str(ws), "-S", "train.epochs=0"]
 
-        def triggered() -> list[dict]:
-            body = {"deployments": {"id": {"any_": [deployment["id"]]}}, "limit": 200}
-            runs = api(prefect_server, "POST", "/flow_runs/filter", body)
-            return [r for r in runs if automation["id"] in (r["idempotency_key"] or "")]
+    def flow_run(run: dict) -> dict:
+        return api(prefect_server, "GET", f"/flow_runs/{run['id']}")
 
-        out = tmp_path / "clean.parquet"
-        scored = _score(ws, env, "--input", str(tmp_path / "clean.npy"), "--out", str(out))
-        assert scored.returncode == 0, scored.stderr[-3000:]
-        figures = _figures(scored.stdout)
-        assert figures["drift_decision"] == "no-drift", scored.stdout
-        assert float(figures["drift_n_batch"]) == len(clean)
-        table = pd.read_parquet(out)
-        assert len(table) == len(clean) and (table["position"] == np.arange(len(clean))).all()
-        assert set(table["source_file"]) == {"clean.npy"}
-        assert np.allclose(table["nll"], -table["log_likelihood"]) and table["nll"].gt(0).all()
-        assert len(table["latent_mean"].iloc[0]) == 2  # the tiny workspace's latent size
+    def heartbeats(run: dict) -> list[dict]:
+        events = {"name": ["prefect.flow-run.heartbeat"]}
+        resource = {"id": [f"prefect.flow-run.{run['id']}"]}
+        body = {"filter": {"event": events, "resource": resource}, "limit": 5}
+        return api(prefect_server, "POST", "/events/filter", body)["events"]
 
-        inverted = _score(ws, env, "--input", str(tmp_path / "inverted.npy"), "--out", str(out))
-        assert inverted.returncode == 0, inverted.stderr[-3000:]
-        drifted = _figures(inverted.stdout)
-        assert drifted["drift_decision"] == "drift", inverted.stdout
-        assert float(drifted["drift_mean_shift_ci_low"]) > 2.0
-        (run,) = wait_for("the triggered run", triggered, 180, serve)
-        # The served process picks it up; it waits for the workspace the test holds.
-        state = lambda: api(prefect_server, "GET", f"/flow_runs/{run['id']}")["state_type"]  # noqa: E731
-        wait_for("the triggered run to start", lambda: state() == "RUNNING", 120, serve, 1.0)
-        assert len(triggered()) == 1  # the clean batch's no-drift event started nothing
-        serve.stop()
+    def serving(name: str):
+        """A serving process, once it says its deployment (and triggers) are registered."""
+        proc = start_process(name, cmd, env=env, cwd=ws)
+        ready = lambda: "is being served" in proc.log.read_text(errors="replace")  # noqa: E731
+        wait_for(f"{name} to serve", ready, 300, proc, every_s=0.5)
+        return proc
+
+    try:
+        with FileLock(str(ws / workspace.LOCK_NAME)):  # runs wait here, Running
+            # 2. The first serving process dies with its run.
+            serve = serving("serve-doomed")
+            deployment = api(prefect_server, "GET", f"/deployments/name/{FLOW}/drift")
+            run_now = f"/deployments/{deployment['id']}/create_flow_run"
+            doomed = api(prefect_server, "POST", run_now, {})
+            wait_for("the doomed run's first heartbeat", lambda: heartbeats(doomed), 300, serve)
+            assert flow_run(doomed)["state_type"] == "RUNNING"
+            killed = kill_tree(serve.popen.pid)
+            assert len(killed) >= 2  # the serving process and the flow run it started
+            assert not any(psutil.pid_exists(pid) for pid in killed)
+            serve = serving("serve-again")
+            log = serve.log.read_text()
+            assert f"automation {AUTOMATION_NAME} unchanged" in log  # its deadline kept
+
+            related = f"/automations/related-to/prefect.deployment.{deployment['id']}"
+            (trigger,) = api(prefect_server, "GET", related)
+            assert trigger["name"] == "retrain-on-drift" and trigger["enabled"]
+            assert trigger["trigger"]["expect"] == ["vae.data.drift"]
+
+            def triggered() -> list[dict]:
+                body = {"deployments": {"id": {"any_": [deployment["id"]]}}, "limit": 200}
+                runs = api(prefect_server, "POST", "/flow_runs/filter", body)
+                return [r for r in runs if trigger["id"] in (r["idempotency_key"] or "")]
+
+            # 3. Scoring, while the dead run still holds the deployment's slot.
+            out = tmp_path / "clean.parquet"
+            scored = _score(ws, env, "--input", str(tmp_path / "clean.npy"), "--out", str(out))
+            assert scored.returncode == 0, scored.stderr[-3000:]
+            figures = _figures(scored.stdout)
+            assert figures["drift_decision"] == "no-drift", scored.stdout
+            assert float(figures["drift_n_batch"]) == len(clean)
+            table = pd.read_parquet(out)
+            assert len(table) == len(clean) and (table["position"] == np.arange(len(clean))).all()
+            assert set(table["source_file"]) == {"clean.npy"}
+            assert np.allclose(table["nll"], -table["log_likelihood"]) and table["nll"].gt(0).all()
+            assert len(table["latent_mean"].iloc[0]) == 2  # the tiny workspace's latent size
+
+            inverted = _score(ws, env, "--input", str(tmp_path / "inverted.npy"), "--out", str(out))
+            assert inverted.returncode == 0, inverted.stderr[-3000:]
+            drifted = _figures(inverted.stdout)
+            assert drifted["drift_decision"] == "drift", inverted.stdout
+            assert float(drifted["drift_mean_shift_ci_low"]) > 2.0
+            (retrain,) = wait_for("the triggered run", triggered, 180, serve)
+            assert flow_run(doomed)["state_type"] in ("RUNNING", "CRASHED")
+
+            # 4. The server marks the dead run Crashed; then the triggered run starts.
+            crashed = wait_for(
+                "the server to mark the dead run Crashed",
+                lambda: (s := flow_run(doomed)["state"])["type"] == "CRASHED" and s,
+                SILENT_S + 120, serve, 1.0,
+            )  # fmt: skip
+            assert f"no heartbeat for {SILENT_S} s" in crashed["message"]
+            started = wait_for(
+                "the triggered run to start",
+                lambda: (r := flow_run(retrain))["state_type"] == "RUNNING" and r,
+                120, serve, 1.0,
+            )  # fmt: skip
+            freed = datetime.fromisoformat(crashed["timestamp"])
+            assert datetime.fromisoformat(started["start_time"]) > freed
+            assert len(triggered()) == 1  # the clean batch's no-drift event started nothing
+            serve.stop()
+    finally:
+        # The short window was this test's: the session's other tests serve with the default.
+        for found in api(prefect_server, "POST", "/automations/filter", {}):
+            if found["name"] == AUTOMATION_NAME:
+                api(prefect_server, "DELETE", f"/automations/{found['id']}")
 
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("vae-mnist-scoring")
@@ -97,7 +156,7 @@ def test_clean_digits_start_nothing_and_inverted_ones_trigger_a_retraining_run(
     assert {r.data.tags["model.version"] for r in runs} == {"1"}
     assert "scores_histogram.png" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
 
-    # NaN in the second chunk: refused after the run began, exit 2, nothing written.
+    # 5. NaN in the second chunk: refused after the run began, exit 2, nothing written.
     bad = clean.astype(np.float32).repeat(2, axis=0)[:1100] / 255
     bad[1050, 3, 4] = np.nan
     np.save(tmp_path / "bad.npy", bad)

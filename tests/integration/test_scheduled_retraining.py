@@ -37,8 +37,8 @@ def test_scheduled_runs_notice_new_data_skip_unchanged_work_and_keep_history(
     overrides += [f"data.{split}_size={n}" for split, n in SIZES.items()]
     cmd = [bin_path("vae-pipeline"), "serve", "--interval", "5", "--name", "retrain"]
     cmd += ["--workdir", str(ws)] + [arg for o in overrides for arg in ("-S", o)]
-    # Due runs are picked up within 2 s (default 10 s); every run tracked on the server.
-    env = prefect_client_env(prefect_server, tmp_path, PREFECT_RUNNER_POLL_FREQUENCY="2")
+    # Due runs are picked up within 1 s (default 10 s); every run tracked on the server.
+    env = prefect_client_env(prefect_server, tmp_path, PREFECT_RUNNER_POLL_FREQUENCY="1")
     env["MLFLOW_TRACKING_URI"] = mlflow_server.url
     client = MlflowClient(mlflow_server.url)
     serve = start_process("serve-retrain", cmd, env=env, cwd=ws)
@@ -68,6 +68,7 @@ def test_scheduled_runs_notice_new_data_skip_unchanged_work_and_keep_history(
             lambda: [r for r in flow_runs() if r["id"] not in seen and r["state_type"] in started],
             RUN_TIMEOUT_S,
             proc=serve,
+            every_s=0.5,
         )
         api(prefect_server, "POST", f"/deployments/{deployment['id']}/pause_deployment")
 
@@ -77,7 +78,9 @@ def test_scheduled_runs_notice_new_data_skip_unchanged_work_and_keep_history(
                 return None
             return [r for r in new if r["state_type"] == "COMPLETED"] or None
 
-        done = wait_for(f"{what}: its runs to complete", settled, RUN_TIMEOUT_S, proc=serve)
+        done = wait_for(
+            f"{what}: its runs to complete", settled, RUN_TIMEOUT_S, proc=serve, every_s=0.5
+        )
         seen.update(r["id"] for r in flow_runs())
         return done
 
