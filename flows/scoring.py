@@ -66,6 +66,28 @@ class ModelChoice:
     tags: dict[str, str] | None = None
 
 
+@dataclass(frozen=True)
+class ScoreColumns:
+    """What the per-image figures are called. Likelihood names only for a likelihood
+    (`vae_core.evaluation.report.likelihood_kind`): a Bernoulli decoder on grey levels gives an
+    IWAE bound of a summed binary cross-entropy, and its columns say so."""
+
+    log_px: str = "log_likelihood"
+    neg_log_px: str = "nll"
+    reconstruction: str = "reconstruction_nll"
+
+
+def score_columns(likelihood: str, data_variant: str) -> tuple[str, ScoreColumns]:
+    """The model's likelihood kind and the names its figures get."""
+    from vae_core.evaluation.report import likelihood_kind
+
+    kind, _ = likelihood_kind(likelihood, data_variant)
+    if kind.startswith("not_a_likelihood"):
+        bound = "iwae_bound_not_a_likelihood"
+        return kind, ScoreColumns(bound, f"neg_{bound}", "reconstruction_bce")
+    return kind, ScoreColumns()
+
+
 def resolve_model(client: Any, uri: str | None, default_name: str) -> ModelChoice:
     """`models:/<name>@<alias>` or `models:/<name>/<version>` (the registry's version, with its
     reference), or any other MLflow model URI or local folder (scored without a reference).
@@ -103,9 +125,16 @@ def output_path(out: str | None, input_path: Path, workdir: Path) -> Path:
 
 @task(name="score-part", task_run_name="score-{start}-{stop}", cache_policy=NO_CACHE)
 def score_part(
-    input_path: str, model_dir: str, start: int, stop: int, settings: Any, part_file: str
+    input_path: str,
+    model_dir: str,
+    start: int,
+    stop: int,
+    settings: Any,
+    columns: ScoreColumns,
+    part_file: str,
 ) -> np.ndarray:
-    """Score input positions start..stop-1 into `part_file` (Parquet); return their NLLs."""
+    """Score input positions start..stop-1 into `part_file` (Parquet); return their negated
+    log-likelihoods (or bounds, see ScoreColumns)."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -127,9 +156,9 @@ def score_part(
                     "source_file": chunk.files,
                     "index": chunk.indices,
                     "position": np.arange(first, first + len(chunk), dtype=np.int64),
-                    "log_likelihood": scores.log_likelihood,
-                    "nll": -scores.log_likelihood,
-                    "reconstruction_nll": scores.reconstruction_nll,
+                    columns.log_px: scores.log_likelihood,
+                    columns.neg_log_px: -scores.log_likelihood,
+                    columns.reconstruction: scores.reconstruction_nll,
                     "latent_mean": list(scores.latent_mean),
                 }
             )
@@ -215,20 +244,23 @@ def drift_thresholds(params: Params) -> DriftThresholds:
 # --------------------------------------------------------------------------- logging
 
 
-def summary_figures(nll: np.ndarray, recon_mean: float, seconds: float) -> dict[str, float]:
+def summary_figures(
+    nll: np.ndarray, recon_mean: float, seconds: float, columns: ScoreColumns = ScoreColumns()
+) -> dict[str, float]:
+    neg = columns.neg_log_px
     return {
         "score/images": float(len(nll)),
-        "score/mean_nll": float(nll.mean()),
-        "score/std_nll": float(nll.std()),
-        "score/median_nll": float(np.median(nll)),
-        "score/p99_nll": float(np.percentile(nll, 99)),
-        "score/mean_reconstruction_nll": recon_mean,
+        f"score/mean_{neg}": float(nll.mean()),
+        f"score/std_{neg}": float(nll.std()),
+        f"score/median_{neg}": float(np.median(nll)),
+        f"score/p99_{neg}": float(np.percentile(nll, 99)),
+        f"score/mean_{columns.reconstruction}": recon_mean,
         "time/score_seconds": seconds,
         "time/images_per_second": len(nll) / seconds if seconds else 0.0,
     }
 
 
-def histogram(nll: np.ndarray, reference: np.ndarray | None, title: str):
+def histogram(nll: np.ndarray, reference: np.ndarray | None, title: str, what: str = "NLL"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,7 +279,7 @@ def histogram(nll: np.ndarray, reference: np.ndarray | None, title: str):
         if values is not None:  # each bar: the share of that set's images in the bin
             share = np.full(len(values), 1 / len(values))
             ax.hist(values, bins=bins, weights=share, alpha=0.6, label=f"{label} ({len(values):,})")
-    ax.set(xlabel="per-image NLL, IWAE (nats)", ylabel="share of images", title=title)
+    ax.set(xlabel=f"per-image {what}, IWAE (nats)", ylabel="share of images", title=title)
     ax.legend()
     fig.tight_layout()
     return fig
@@ -299,17 +331,25 @@ def batch_scoring(
         model_dir = Path(tmp) / "model"
         _, config = load_vae_with_config(choice.uri, dst_path=model_dir)  # no pickle
         settings = score_settings(params, str(config.get("data_variant", "binarized")))
+        kind, columns = score_columns(
+            str(config.get("likelihood", "bernoulli")), settings.data_variant
+        )
+        client.set_tag(scope.run_id, "score.kind", kind)
         tracking.log_params(
             client,
             scope.run_id,
             {f"score.{k}": v for k, v in asdict(settings).items()} | {"input.images": len(source)},
         )
         started = time.perf_counter()
-        nll, parts = score_all(str(input_path), model_dir, settings, len(source), Path(tmp))
+        nll, parts = score_all(
+            str(input_path), model_dir, settings, columns, len(source), Path(tmp)
+        )
         seconds = time.perf_counter() - started
         join_parts(parts, destination)
-        frame = pd.read_parquet(destination, columns=["reconstruction_nll"])
-        figures = summary_figures(nll, float(frame["reconstruction_nll"].mean()), seconds)
+        recon = pd.read_parquet(destination, columns=[columns.reconstruction])[
+            columns.reconstruction
+        ]
+        figures = summary_figures(nll, float(recon.mean()), seconds, columns)
 
         reference, where = reference_nlls(client, choice, settings.k, Path(tmp) / "reference")
         report = (
@@ -329,7 +369,8 @@ def batch_scoring(
                 RunTag("drift.reasons", reasons[:5000]),
             ],
         )
-        _log_artifacts(client, scope.run_id, destination, nll, reference, choice)
+        what = "NLL" if columns == ScoreColumns() else columns.neg_log_px
+        _log_artifacts(client, scope.run_id, destination, nll, reference, choice, what)
         summary_rows = [{"figure": k, "value": f"{v:.6g}"} for k, v in figures.items()]
         summary_rows.append({"figure": "drift/decision", "value": decision})
         create_table_artifact(summary_rows, key="batch-scoring-summary", description=choice.uri)
@@ -357,14 +398,14 @@ def score_settings(params: Params, data_variant: str) -> Any:
 
 
 def score_all(
-    input_path: str, model_dir: Path, settings: Any, n: int, tmp: Path
+    input_path: str, model_dir: Path, settings: Any, columns: ScoreColumns, n: int, tmp: Path
 ) -> tuple[np.ndarray, list[str]]:
     """Every part as a task on the flow's task runner (threads, or Dask): the NLLs in order,
     and the Parquet part files (tmp/part-NNNNN.parquet) in order."""
     ranges = [(lo, min(lo + PART_IMAGES, n)) for lo in range(0, n, PART_IMAGES)]
     parts = [str(tmp / f"part-{i:05d}.parquet") for i in range(len(ranges))]
     futures = [
-        score_part.submit(input_path, str(model_dir), lo, hi, settings, part)
+        score_part.submit(input_path, str(model_dir), lo, hi, settings, columns, part)
         for (lo, hi), part in zip(ranges, parts, strict=True)
     ]
     return np.concatenate([future.result() for future in futures]), parts
@@ -384,13 +425,14 @@ def _log_artifacts(
     nll: np.ndarray,
     reference: np.ndarray | None,
     choice: ModelChoice,
+    what: str,
 ) -> None:
     """The histogram beside the reference and a sample of rows as an MLflow table."""
     import pandas as pd
     import pyarrow.parquet as pq
 
     title = f"{choice.name} v{choice.version}" if choice.version else choice.uri
-    fig = histogram(nll, reference, title)
+    fig = histogram(nll, reference, title, what)
     client.log_figure(run_id, fig, "scores_histogram.png")
     import matplotlib.pyplot as plt
 

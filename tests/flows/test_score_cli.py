@@ -13,6 +13,11 @@ import yaml
 from helpers import REPO_ROOT
 
 from flows.cli import main
+
+# Importing flows.scoring imports Prefect now, at collection: its console log handler would
+# otherwise bind to the stream one test captures, and a later in-process flow run (below) would
+# log into that closed stream.
+from flows.scoring import ScoreColumns, score_columns
 from vae_core.data.idx import write_idx
 
 
@@ -114,3 +119,53 @@ def test_prefect_yaml_declares_the_drift_trigger_serve_attaches() -> None:
     assert trigger == retrain_on_drift() and trigger.expect == {"vae.data.drift"}
     (score,) = [d for d in config["deployments"] if d["name"] == "score"]
     assert score["entrypoint"] == "flows/scoring.py:batch_scoring"
+
+
+def test_a_grey_level_bce_model_gets_no_likelihood_columns(
+    workdir, prefect_harness, tmp_path, capsys
+) -> None:
+    """A Bernoulli decoder trained on grey levels scores a bound of a summed BCE, not a
+    likelihood: the table, the figures and the run say so (a binarized model's names are
+    checked in tests/integration/test_drift_trigger.py)."""
+    import mlflow
+    import pandas as pd
+
+    from flows.model_io import log_vae
+    from vae_core.config import VAEConfig
+    from vae_core.models.factory import build_vae
+
+    vae = build_vae(VAEConfig(hidden_sizes=[8], latent_dim=2), seed=0)
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    with mlflow.start_run():
+        uri = log_vae(vae, "continuous").model_uri
+    images = _npy(tmp_path / "grey.npy", np.linspace(0, 1, 5 * 784).reshape(5, 28, 28))
+    out = tmp_path / "scores.parquet"
+    args = ["score", "--input", str(images), "--model", uri, "--out", str(out)]
+    assert main([*args, "--workdir", str(workdir), "-S", "evaluate.iwae_k=4"]) == 0
+    printed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "score_mean_neg_iwae_bound_not_a_likelihood" in printed
+    assert not [name for name in printed if "nll" in name]
+    table = pd.read_parquet(out)
+    bound = "iwae_bound_not_a_likelihood"
+    assert {bound, f"neg_{bound}", "reconstruction_bce"} <= set(table.columns)
+    assert not {"log_likelihood", "nll", "reconstruction_nll"} & set(table.columns)
+    assert np.allclose(table[f"neg_{bound}"], -table[bound]) and len(table) == 5
+    (scoring,) = mlflow.search_runs(experiment_names=["vae-mnist-scoring"], output_format="list")
+    assert scoring.data.tags["score.kind"] == "not_a_likelihood_bce_greylevels"
+    assert scoring.data.tags["model.uri"] == uri
+    assert not [m for m in scoring.data.metrics if "nll" in m]
+
+
+@pytest.mark.parametrize(
+    "likelihood, variant, likelihood_names",
+    [
+        ("bernoulli", "binarized", True),
+        ("continuous_bernoulli", "continuous", True),  # a density of its own
+        ("continuous_bernoulli", "binarized", True),
+        ("bernoulli", "continuous", False),  # a summed BCE on grey levels
+    ],
+)
+def test_only_a_likelihood_gets_likelihood_names(likelihood, variant, likelihood_names) -> None:
+    kind, columns = score_columns(likelihood, variant)
+    assert (columns == ScoreColumns()) is likelihood_names, kind
+    assert ("nll" in columns.reconstruction) is likelihood_names
