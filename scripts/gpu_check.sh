@@ -5,7 +5,8 @@
 # an earlier one failed:
 #   env         python, torch, CUDA and the device
 #   data        the MNIST folder (--dry-run: writes a tiny synthetic one)
-#   tests       its own torch-only test files (TEST_FILES below), named one by one
+#   tests       its own torch-only test files (TEST_FILES below), named one by one (--dry-run:
+#               the GPU tests' file only; the suite runs the import check itself)
 #   bench       python3 -m experiments bench: the trainer against the design document's loop
 #   eval-bench  python3 -m experiments eval-bench: IWAE timing, k=5000 on all 10,000 on CUDA
 #   reproduce   python3 -m experiments reproduce: Burda's one-layer IWAE k=5 in what is left of
@@ -122,6 +123,7 @@ main() {
     local eval_bench=(--train-epochs 1 --ks 5 --test-size 20)
     local reproduce=(--rows seed_mlp --max-epochs 1 --test-k 10 --test-size 50 --val-size 100)
     local reproduce_max_s=30
+    local tests=("${TEST_FILES[0]}")
   else
     local device=cuda
     mnist_dir=${mnist_dir:-$DATA_DIR}
@@ -130,11 +132,12 @@ main() {
     # batch-128 rate); the compiled-loss test compiles with Inductor, hence the tests' limit.
     local bench=(--reference-epochs 2 --max-epochs 20 --batch-size 4096)
     local tests_s=110
+    local tests=("${TEST_FILES[@]}")
     local eval_bench=(--train-epochs 5)
     local reproduce=(--rows "$REPRODUCE_ROWS")
     local reproduce_max_s=$REPRODUCE_MAX_S
   fi
-  step tests "${tests_s:-75}" "$py" -m pytest -q -p no:cacheprovider "${TEST_FILES[@]}"
+  step tests "${tests_s:-75}" "$py" -m pytest -q -p no:cacheprovider "${tests[@]}"
   step bench 75 "$py" -m experiments bench --mnist-dir "$mnist_dir" --device $device "${bench[@]}"
   step eval-bench 50 "$py" -m experiments eval-bench --mnist-dir "$mnist_dir" --device $device \
     "${eval_bench[@]}"
