@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 # The MLflow helpers that need no orchestration live in experiments.tracking (MLflow optional
@@ -417,7 +418,25 @@ def _log_inputs(client: MlflowClient, run_id: str, datasets: list[Dataset], cont
     tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
     # What mlflow.log_input sends, through the client: no active run needed.
     inputs = [DatasetInput(dataset=ds._to_mlflow_entity(), tags=tags) for ds in datasets]
-    client.log_inputs(run_id, datasets=inputs)
+    for attempt in range(DATASET_RACE_ATTEMPTS):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as exc:
+            if attempt == DATASET_RACE_ATTEMPTS - 1 or not lost_dataset_race(exc):
+                raise
+
+
+DATASET_RACE_ATTEMPTS = 3
+
+
+def lost_dataset_race(exc: Exception) -> bool:
+    """Two runs logged the same new dataset at once (a sweep's parallel trials evaluating on one
+    split): MLflow's store looks for the dataset, then inserts it, so the later insert breaks
+    the unique key (SQLite's UNIQUE, PostgreSQL's duplicate key) and its transaction is rolled
+    back. The dataset exists now, so logging again links it."""
+    text = str(exc)
+    return "dataset" in text and ("UNIQUE constraint failed" in text or "duplicate key" in text)
 
 
 def log_dataset(

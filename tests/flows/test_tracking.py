@@ -75,3 +75,47 @@ def test_no_answer_at_all() -> None:
 )
 def test_the_work_s_own_errors(error: BaseException) -> None:
     assert not server_hiccup(error)
+
+
+def test_a_trial_that_loses_the_race_to_log_a_new_dataset_links_it_all_the_same(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Two parallel trials log the same split at once: the later one's existence check ran
+    before the earlier one's insert committed, so MLflow's store inserts it again and SQLite
+    refuses the duplicate (seen in CI). Reproduced on a real store by letting that check miss
+    once; the run must still get its input."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.store.tracking.dbmodels.models import SqlDataset
+    from sqlalchemy.orm import Query
+
+    client = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("race")
+    first, second = (client.create_run(experiment).info.run_id for _ in range(2))
+    split = MetaDataset(tracking._local_source(tmp_path), name="mnist-test", digest="d1")
+    tracking._log_inputs(client, first, [split], "evaluation")
+
+    real_all, missed = Query.all, []
+
+    def stale_once(query: Query) -> list:
+        rows = real_all(query)
+        if not missed and rows and isinstance(rows[0], SqlDataset):
+            missed.append(rows[0].name)
+            return []  # "not there yet": the other trial has not committed
+        return rows
+
+    monkeypatch.setattr(Query, "all", stale_once)
+    tracking._log_inputs(client, second, [split], "evaluation")
+    assert missed == ["mnist-test"]  # the race happened, and was lost once
+    for run_id in (first, second):
+        (linked,) = client.get_run(run_id).inputs.dataset_inputs
+        assert (linked.dataset.name, linked.dataset.digest) == ("mnist-test", "d1")
+
+
+def test_only_the_dataset_race_is_retried() -> None:
+    from mlflow.exceptions import MlflowException
+
+    duplicate = "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id"
+    assert tracking.lost_dataset_race(MlflowException(duplicate))
+    assert tracking.lost_dataset_race(MlflowException('duplicate key value ... "dataset_pk"'))
+    assert not tracking.lost_dataset_race(MlflowException("UNIQUE constraint failed: runs.x"))
+    assert not tracking.lost_dataset_race(MlflowException("RESOURCE_DOES_NOT_EXIST: run"))
