@@ -2,16 +2,19 @@
 `vae-pipeline serve`: a dead run is marked Crashed by the server, clean digits start nothing, and
 drifted digits start a retraining that runs once the dead run's slot is free.
 
-1. A champion, trained by `vae-pipeline run`.
-2. `vae-pipeline serve` takes a run, held at the workspace lock (which the test holds, so nothing
-   trains meanwhile), and is killed with SIGKILL, the run with it, once the server has stored
-   the run's first heartbeat: a machine losing power. The clone serves again at once.
-3. While the server waits out the dead run's silence: held-out digits scored with `vae-pipeline
-   score` decide `no drift` and start nothing; the same digits inverted decide `drift`, and the
-   trigger creates a run of the served deployment, which waits for the slot the dead run holds.
-4. The server marks the dead run Crashed (flows/unresponsive.py), before any later run in the
-   clone could notice it; the triggered run then starts.
-5. A value that is bad only deep inside the input fails the run with exit 2, no output file."""
+1. `vae-pipeline serve` takes a run, held at the workspace lock (which the test holds), and is
+   killed with SIGKILL, the run with it, once the server has stored the run's first heartbeat:
+   a machine losing power.
+2. While the server waits out the dead run's silence: a champion, trained by `vae-pipeline run`
+   (the dead run never held the workspace, so there is nothing to recover).
+3. The clone serves again (its runs held at the lock, so nothing trains meanwhile): held-out
+   digits scored with `vae-pipeline score` decide `no drift` and start nothing; the same digits
+   inverted decide `drift`, and the trigger creates a run of the served deployment, which can
+   start only once the dead run's slot is free.
+4. Still meanwhile: a value that is bad only deep inside an input fails its scoring run with
+   exit 2 and no output file.
+5. The server marks the dead run Crashed (flows/unresponsive.py), before any later run in the
+   clone could notice it; the triggered run then starts."""
 
 from __future__ import annotations
 
@@ -52,17 +55,9 @@ def test_a_dead_run_is_crashed_by_the_server_and_drift_retrains_once_its_slot_is
 
     ws = pipeline_workspace("drift")
     env = prefect_client_env(prefect_server, tmp_path, PREFECT_RUNNER_POLL_FREQUENCY="1")
-    trained = subprocess.run(
-        [bin_path("vae-pipeline"), "run"], cwd=ws, env=env, capture_output=True, text=True,
-        timeout=RUN_TIMEOUT_S,
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    clean = load_processed(ws / "data/processed/mnist").test_images.numpy()
-    np.save(tmp_path / "clean.npy", clean)
-    np.save(tmp_path / "inverted.npy", 255 - clean)
-
     cmd = [bin_path("vae-pipeline"), "serve", "--name", "drift", "--cron", "0 0 1 1 *"]
     cmd += ["--unresponsive-after", str(SILENT_S), "--workdir", str(ws), "-S", "train.epochs=0"]
+    lock = FileLock(str(ws / workspace.LOCK_NAME))  # the served runs wait here, Running
 
     def flow_run(run: dict) -> dict:
         return api(prefect_server, "GET", f"/flow_runs/{run['id']}")
@@ -73,39 +68,38 @@ def test_a_dead_run_is_crashed_by_the_server_and_drift_retrains_once_its_slot_is
         body = {"filter": {"event": events, "resource": resource}, "limit": 5}
         return api(prefect_server, "POST", "/events/filter", body)["events"]
 
-    def serving(name: str):
-        """A serving process, once it says its deployment (and triggers) are registered."""
-        proc = start_process(name, cmd, env=env, cwd=ws)
+    def serving(proc):
+        """`proc`, once it says its deployment (and triggers) are registered."""
         ready = lambda: "is being served" in proc.log.read_text(errors="replace")  # noqa: E731
-        wait_for(f"{name} to serve", ready, 300, proc, every_s=0.5)
+        wait_for(f"{proc.name} to serve", ready, 300, proc, every_s=0.5)
         return proc
 
     try:
-        with FileLock(str(ws / workspace.LOCK_NAME)):  # runs wait here, Running
-            # 2. The first serving process dies with its run.
-            serve = serving("serve-doomed")
+        # 1. The first serving process dies with its run, which never got the workspace.
+        with lock:
+            serve = serving(start_process("serve-doomed", cmd, env=env, cwd=ws))
             deployment = api(prefect_server, "GET", f"/deployments/name/{FLOW}/drift")
             run_now = f"/deployments/{deployment['id']}/create_flow_run"
             doomed = api(prefect_server, "POST", run_now, {})
-            wait_for("the doomed run's first heartbeat", lambda: heartbeats(doomed), 300, serve)
+            wait_for("the doomed run's heartbeat", lambda: heartbeats(doomed), 300, serve, 0.5)
             assert flow_run(doomed)["state_type"] == "RUNNING"
             killed = kill_tree(serve.popen.pid)
-            assert len(killed) >= 2  # the serving process and the flow run it started
-            assert not any(psutil.pid_exists(pid) for pid in killed)
-            serve = serving("serve-again")
-            log = serve.log.read_text()
-            assert f"automation {AUTOMATION_NAME} unchanged" in log  # its deadline kept
+        assert len(killed) >= 2  # the serving process and the flow run it started
+        assert not any(psutil.pid_exists(pid) for pid in killed)
 
-            related = f"/automations/related-to/prefect.deployment.{deployment['id']}"
-            (trigger,) = api(prefect_server, "GET", related)
-            assert trigger["name"] == "retrain-on-drift" and trigger["enabled"]
-            assert trigger["trigger"]["expect"] == ["vae.data.drift"]
+        # 2. While the server waits out its silence: a champion, trained by hand.
+        trained = subprocess.run(
+            [bin_path("vae-pipeline"), "run"], cwd=ws, env=env, capture_output=True, text=True,
+            timeout=RUN_TIMEOUT_S,
+        )  # fmt: skip
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        assert flow_run(doomed)["state_type"] in ("RUNNING", "CRASHED")
+        clean = load_processed(ws / "data/processed/mnist").test_images.numpy()
+        np.save(tmp_path / "clean.npy", clean)
+        np.save(tmp_path / "inverted.npy", 255 - clean)
 
-            def triggered() -> list[dict]:
-                body = {"deployments": {"id": {"any_": [deployment["id"]]}}, "limit": 200}
-                runs = api(prefect_server, "POST", "/flow_runs/filter", body)
-                return [r for r in runs if trigger["id"] in (r["idempotency_key"] or "")]
-
+        with lock:
+            serve = start_process("serve-again", cmd, env=env, cwd=ws)
             # 3. Scoring, while the dead run still holds the deployment's slot.
             out = tmp_path / "clean.parquet"
             scored = _score(ws, env, "--input", str(tmp_path / "clean.npy"), "--out", str(out))
@@ -119,6 +113,20 @@ def test_a_dead_run_is_crashed_by_the_server_and_drift_retrains_once_its_slot_is
             assert np.allclose(table["nll"], -table["log_likelihood"]) and table["nll"].gt(0).all()
             assert len(table["latent_mean"].iloc[0]) == 2  # the tiny workspace's latent size
 
+            # Serving again re-made the drift trigger and left the dead-run automation as it
+            # was: updating that would have dropped the dead run's pending deadline.
+            log = serving(serve).log.read_text()
+            assert f"automation {AUTOMATION_NAME} unchanged" in log
+            related = f"/automations/related-to/prefect.deployment.{deployment['id']}"
+            (trigger,) = api(prefect_server, "GET", related)
+            assert trigger["name"] == "retrain-on-drift" and trigger["enabled"]
+            assert trigger["trigger"]["expect"] == ["vae.data.drift"]
+
+            def triggered() -> list[dict]:
+                body = {"deployments": {"id": {"any_": [deployment["id"]]}}, "limit": 200}
+                runs = api(prefect_server, "POST", "/flow_runs/filter", body)
+                return [r for r in runs if trigger["id"] in (r["idempotency_key"] or "")]
+
             inverted = _score(ws, env, "--input", str(tmp_path / "inverted.npy"), "--out", str(out))
             assert inverted.returncode == 0, inverted.stderr[-3000:]
             drifted = _figures(inverted.stdout)
@@ -127,7 +135,18 @@ def test_a_dead_run_is_crashed_by_the_server_and_drift_retrains_once_its_slot_is
             (retrain,) = wait_for("the triggered run", triggered, 180, serve)
             assert flow_run(doomed)["state_type"] in ("RUNNING", "CRASHED")
 
-            # 4. The server marks the dead run Crashed; then the triggered run starts.
+            # 4. NaN in the second chunk: refused after the run began, exit 2, nothing written.
+            bad = clean.astype(np.float32).repeat(2, axis=0)[:1100] / 255
+            bad[1050, 3, 4] = np.nan
+            np.save(tmp_path / "bad.npy", bad)
+            bad_out = tmp_path / "b.pq"
+            failed = _score(ws, env, "--input", str(tmp_path / "bad.npy"), "--out", str(bad_out))
+            assert failed.returncode == 2, failed.stderr[-3000:]
+            assert "bad.npy: image 1050 holds nan at pixel (3, 4)" in failed.stderr
+            assert not bad_out.exists()
+            assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.pq")]
+
+            # 5. The server marks the dead run Crashed; then the triggered run starts.
             crashed = wait_for(
                 "the server to mark the dead run Crashed",
                 lambda: (s := flow_run(doomed)["state"])["type"] == "CRASHED" and s,
@@ -152,16 +171,7 @@ def test_a_dead_run_is_crashed_by_the_server_and_drift_retrains_once_its_slot_is
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("vae-mnist-scoring")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time"])
-    assert [r.data.tags["drift.decision"] for r in runs] == ["no drift", "drift"]
+    decisions = [(r.info.status, r.data.tags.get("drift.decision")) for r in runs]
+    assert decisions == [("FINISHED", "no drift"), ("FINISHED", "drift"), ("FAILED", None)]
     assert {r.data.tags["model.version"] for r in runs} == {"1"}
     assert "scores_histogram.png" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
-
-    # 5. NaN in the second chunk: refused after the run began, exit 2, nothing written.
-    bad = clean.astype(np.float32).repeat(2, axis=0)[:1100] / 255
-    bad[1050, 3, 4] = np.nan
-    np.save(tmp_path / "bad.npy", bad)
-    failed = _score(ws, env, "--input", str(tmp_path / "bad.npy"), "--out", str(tmp_path / "b.pq"))
-    assert failed.returncode == 2, failed.stderr[-3000:]
-    assert "bad.npy: image 1050 holds nan at pixel (3, 4)" in failed.stderr
-    assert not (tmp_path / "b.pq").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.pq")]
