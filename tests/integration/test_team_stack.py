@@ -150,7 +150,7 @@ def test_two_clones_one_deployment_a_killed_worker_a_database_restart_and_the_re
             **account_env(stack, "pipeline"),
             VAE_WORKSPACE=str(ws),
             PREFECT_HOME=str(tmp_path_factory.mktemp(f"{name}-home")),
-            PREFECT_WORKER_QUERY_SECONDS="2",
+            PREFECT_WORKER_QUERY_SECONDS="1",
         )
         cmd = [prefect, "worker", "start", "--pool", WORK_POOL, "--name", name, "--limit", "1"]
         return start_process(name, cmd, env=env, cwd=ws)
@@ -164,7 +164,7 @@ def test_two_clones_one_deployment_a_killed_worker_a_database_restart_and_the_re
             run = _prefect(stack, "GET", f"/flow_runs/{flow_run_id}")
             return run["state_type"] in FINAL and run
 
-        return wait_for(f"flow run {flow_run_id} to end", ended, RUN_TIMEOUT_S, proc=worker)
+        return wait_for(f"flow run {flow_run_id} to end", ended, RUN_TIMEOUT_S, worker, 0.5)
 
     # The Prefect UI's pages fetch from this server's API, not Prefect's default
     # http://127.0.0.1:4200/api (seen: a blank page saying it cannot connect); MLflow serves
