@@ -184,6 +184,9 @@ def test_two_clones_one_deployment_a_killed_worker_a_database_restart_and_the_re
     # 1. Worker A (only A is up) takes the first run: it prepares the data and pushes them.
     worker_a = start_worker("worker-a", ws_a)
     fr_a = finish(submit({"overrides": tiny}), worker_a)
+    # A run's last log lines reach the server shortly after its final state: stopping its
+    # worker (SIGTERM to the group) before they arrived lost them once.
+    logs_a = _logs_with(stack, fr_a["id"], "dvc repro ran: ", "dvc push -r shared: ")
     worker_a.stop()
     # What `git pull` brings clone B: the dvc.lock A's run wrote, which a team commits. It names
     # the exact outputs A pushed (the classifier's bytes are not the same on every run, so the
@@ -217,7 +220,6 @@ def test_two_clones_one_deployment_a_killed_worker_a_database_restart_and_the_re
     assert any((Path(stack.root) / "artifacts").rglob("model.safetensors"))
     # The data reached B through the DVC remote: B's run re-ran no stage but the fingerprint
     # of the source (which always runs).
-    logs_a = _logs_with(stack, fr_a["id"], "dvc repro ran: ", "dvc push -r shared: ")
     logs_b = _logs_with(stack, fr_b["id"], "dvc repro ran: ", "dvc pull -r shared: ")
     assert "dvc repro ran: source, prepare, classifier" in logs_a
     assert any(line.startswith("dvc push -r shared: ") and "pushed" in line for line in logs_a)
@@ -248,9 +250,9 @@ def test_two_clones_one_deployment_a_killed_worker_a_database_restart_and_the_re
     #    the data, the parameters and the code of version 2: nothing to train.
     worker_b2 = start_worker("worker-b-again", ws_b)
     fr_next = finish(submit({}), worker_b2)
-    worker_b2.stop()
     assert fr_next["state_type"] == "COMPLETED"
     logs = _logs_with(stack, fr_next["id"], "recovered the workspace", "up to date: ")
+    worker_b2.stop()
     assert any(line.startswith("recovered the workspace from a dead run: ") for line in logs)
     assert any(line.startswith(f"up to date: {MODEL} v2 was made from") for line in logs), logs
     # The dead flow run is Crashed, saying why and by whom; its MLflow run failed, nothing
