@@ -216,8 +216,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-    from flows.events import retrain_on_drift
-    from flows.pipeline import training_pipeline
     from flows.unresponsive import crash_unresponsive_runs, ensure_automation
 
     # A run whose process dies (this one killed, its machine lost) is marked Crashed by the
@@ -227,6 +225,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from flows.events import retrain_on_drift
+    from flows.pipeline import training_pipeline
+
     done = ensure_automation(automation)
     silent = f"{args.unresponsive_after:g} s"
     print(f"automation {automation.name} {done}: a run silent for {silent} is marked Crashed")

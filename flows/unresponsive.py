@@ -9,8 +9,9 @@ any state change arrives within `after_s`. Crashed releases the slot, so the nex
 
 `automations.yaml` declares the same automation for `prefect automation create` (a test checks
 they agree); `vae-pipeline serve` creates or updates it. The heartbeat interval reaches flow
-runs through their environment: prefect.yaml's deployments set it, and `serve` sets it for
-the runs it starts.
+runs through their environment: importing `flows` sets it (before Prefect reads its settings;
+`serve`'s runs inherit it), and prefect.yaml's deployments set it for a worker's runs, which
+import Prefect first.
 """
 
 from __future__ import annotations
@@ -35,16 +36,16 @@ def crash_unresponsive_runs(after_s: float = UNRESPONSIVE_AFTER_S) -> Automation
     """The automation: a project flow run silent for `after_s` after a heartbeat is Crashed.
     `after_s` must exceed the heartbeat interval this process's runs get, or a live run would
     be crashed between two heartbeats."""
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
-
-    interval = heartbeat_seconds()
+    interval = heartbeat_seconds()  # checked before Prefect, which would refuse it in a traceback
     if after_s <= interval:
         raise ValueError(
             f"--unresponsive-after: expected more than the flow runs' heartbeat interval "
             f"({HEARTBEAT_VARIABLE}={interval}), found {after_s:g} s"
         )
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
     return AutomationCore(
         name=AUTOMATION_NAME,
         description=(
@@ -72,7 +73,11 @@ def crash_unresponsive_runs(after_s: float = UNRESPONSIVE_AFTER_S) -> Automation
 
 def heartbeat_seconds() -> int:
     """The heartbeat interval the flow runs started from this process get, in seconds."""
-    return int(os.environ.get(HEARTBEAT_VARIABLE, PREFECT_DEFAULT_HEARTBEAT_SECONDS))
+    value = os.environ.get(HEARTBEAT_VARIABLE, str(PREFECT_DEFAULT_HEARTBEAT_SECONDS))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{HEARTBEAT_VARIABLE}: expected whole seconds, found {value!r}") from None
 
 
 def ensure_automation(automation: AutomationCore) -> str:

@@ -49,6 +49,9 @@ def test_a_window_a_live_run_could_miss_is_refused(monkeypatch, capsys) -> None:
         "error: --unresponsive-after: expected more than the flow runs' heartbeat interval "
         "(PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60), found 45 s"
     )
+    monkeypatch.setenv(HEARTBEAT_VARIABLE, "1m")
+    with pytest.raises(ValueError, match="PREFECT_FLOWS_HEARTBEAT_FREQUENCY: expected whole"):
+        crash_unresponsive_runs(90)
 
 
 @pytest.mark.parametrize("preset, expected", [(None, HEARTBEAT_SECONDS), ("120", 120)])
