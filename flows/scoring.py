@@ -76,6 +76,11 @@ class ScoreColumns:
     neg_log_px: str = "nll"
     reconstruction: str = "reconstruction_nll"
 
+    @property
+    def axis_label(self) -> str:
+        """What the histogram's axis calls the per-image figure."""
+        return "NLL" if self == ScoreColumns() else self.neg_log_px
+
 
 def score_columns(likelihood: str, data_variant: str) -> tuple[str, ScoreColumns]:
     """The model's likelihood kind and the names its figures get."""
@@ -369,8 +374,9 @@ def batch_scoring(
                 RunTag("drift.reasons", reasons[:5000]),
             ],
         )
-        what = "NLL" if columns == ScoreColumns() else columns.neg_log_px
-        _log_artifacts(client, scope.run_id, destination, nll, reference, choice, what)
+        _log_artifacts(
+            client, scope.run_id, destination, nll, reference, choice, columns.axis_label
+        )
         summary_rows = [{"figure": k, "value": f"{v:.6g}"} for k, v in figures.items()]
         summary_rows.append({"figure": "drift/decision", "value": decision})
         create_table_artifact(summary_rows, key="batch-scoring-summary", description=choice.uri)

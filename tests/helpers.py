@@ -257,6 +257,11 @@ def prefect_api(server: SimpleNamespace, method: str, path: str, body: dict | No
         time.sleep(0.5 * 2**attempt)
 
 
+def automations_named(server: SimpleNamespace, name: str) -> list[dict]:
+    """The automations of that name on ``server``."""
+    return [a for a in prefect_api(server, "POST", "/automations/filter", {}) if a["name"] == name]
+
+
 def prefect_client_env(server: SimpleNamespace, tmp: Path, **extra: str) -> dict[str, str]:
     """A Prefect client of ``server`` with its own PREFECT_HOME (no user profile)."""
     home = tmp / "prefect-client-home"

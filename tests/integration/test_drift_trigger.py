@@ -25,7 +25,15 @@ import numpy as np
 import psutil
 import pytest
 from filelock import FileLock
-from helpers import FLOW, RUN_TIMEOUT_S, bin_path, kill_tree, prefect_client_env, wait_for
+from helpers import (
+    FLOW,
+    RUN_TIMEOUT_S,
+    automations_named,
+    bin_path,
+    kill_tree,
+    prefect_client_env,
+    wait_for,
+)
 from helpers import prefect_api as api
 
 from flows import workspace
@@ -164,9 +172,8 @@ def test_a_dead_run_is_crashed_by_the_server_and_drift_retrains_once_its_slot_is
             serve.stop()
     finally:
         # The short window was this test's: the session's other tests serve with the default.
-        for found in api(prefect_server, "POST", "/automations/filter", {}):
-            if found["name"] == AUTOMATION_NAME:
-                api(prefect_server, "DELETE", f"/automations/{found['id']}")
+        for found in automations_named(prefect_server, AUTOMATION_NAME):
+            api(prefect_server, "DELETE", f"/automations/{found['id']}")
 
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("vae-mnist-scoring")

@@ -3,11 +3,12 @@ Prefect server (`prefect server start` on 127.0.0.1, its own PREFECT_HOME).
 `vae-pipeline serve`'s schedule is tested end to end in test_scheduled_retraining.py."""
 
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import FLOW, REPO_ROOT, bin_path, prefect_client_env
+from helpers import FLOW, REPO_ROOT, automations_named, bin_path, prefect_client_env
 from helpers import prefect_api as api
 
 from flows.unresponsive import AUTOMATION_NAME, HEARTBEAT_SECONDS, UNRESPONSIVE_AFTER_S
@@ -26,10 +27,7 @@ def test_prefect_yaml_deploys_the_nightly_deployment_to_a_process_pool(
     env = prefect_client_env(prefect_server, tmp_path)
     prefect = bin_path("prefect")
 
-    def automations() -> list[dict]:
-        found = api(prefect_server, "POST", "/automations/filter", {})
-        return [a for a in found if a["name"] == AUTOMATION_NAME]
-
+    automations = partial(automations_named, prefect_server, AUTOMATION_NAME)
     served_ones = {a["id"] for a in automations()}  # left by `vae-pipeline serve` in other tests
     for args in (
         ["work-pool", "create", "local-process", "--type", "process"],
